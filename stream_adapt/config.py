@@ -1,0 +1,220 @@
+"""Configuration: frozen pydantic models, loaded from a file, STREAM_ADAPT_* env and CLI flags.
+
+The learning core takes `PipelineConfig` (plain, frozen); the edges take `Settings`, which adds Kafka,
+metrics and runtime options. Precedence, highest first: CLI flags, environment
+(`STREAM_ADAPT_ADAPT__LR=0.1`, nested with `__`), the config file (`--config FILE`, TOML or JSON),
+defaults. An invalid value fails at start with the field named (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from stream_adapt.errors import ConfigError
+from stream_adapt.events import DEFAULT_MAX_FUTURE_S, DEFAULT_MAX_RECORD_BYTES, EventType
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EventsConfig(_Frozen):
+    """What counts as a valid event, and which ones the model learns from."""
+
+    max_record_bytes: int = Field(DEFAULT_MAX_RECORD_BYTES, ge=256, le=16 * 1024 * 1024)
+    max_future_s: float = Field(DEFAULT_MAX_FUTURE_S, ge=0)
+    dedup_capacity: int = Field(
+        200_000, ge=0, description="How many recent event_ids are remembered to drop duplicates (0: off)."
+    )
+    learn_types: tuple[EventType, ...] = Field(
+        (EventType.RATING,),
+        min_length=1,
+        description="Event types the model learns from; other valid events are counted and skipped.",
+    )
+
+
+class WindowConfig(_Frozen):
+    """Per-entity few-shot windows."""
+
+    entity: Literal["user", "item"] = "user"
+    shots: int = Field(8, ge=2, le=1024, description="K: events per window (support + query).")
+    query_shots: int = Field(2, ge=1, description="The last Q events of a window are its query shots.")
+    min_shots: int = Field(4, ge=2, description="A window older than max_age is adapted if it has this many.")
+    max_age_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Event-time age after which a partial window is closed."
+    )
+    max_entities: int = Field(
+        100_000, ge=1, description="Open windows (and per-entity drift state) kept; least recent evicted."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WindowConfig:
+        if self.query_shots >= self.shots:
+            raise ValueError("query_shots must be smaller than shots")
+        if self.min_shots > self.shots:
+            raise ValueError("min_shots must not exceed shots")
+        if self.min_shots <= self.query_shots:
+            raise ValueError("min_shots must exceed query_shots (a window needs support shots)")
+        return self
+
+
+class AdaptConfig(_Frozen):
+    """The few gradient steps run on each window's support shots."""
+
+    steps: int = Field(5, ge=1, le=200)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(0.05, gt=0, le=10)
+    l2: float = Field(0.01, ge=0, description="Pull toward the starting adapter: l2 * ||theta - theta0||^2.")
+    max_batch: int = Field(4096, ge=1, description="At most this many windows per vectorised call.")
+    device: str = Field("cpu", description="torch device for adaptation ('cpu', 'cuda').")
+
+
+class GateConfig(_Frozen):
+    """Accept an adapted version only if it is better on the window's query shots, finite and bounded."""
+
+    min_improvement: float = Field(
+        0.0, ge=0, lt=1, description="Relative query-loss improvement needed to accept (0: any strict gain)."
+    )
+    max_delta_norm: float = Field(5.0, gt=0, description="Largest L2 change of the adapter in one step.")
+    max_adapter_norm: float = Field(50.0, gt=0, description="Largest L2 norm an accepted adapter may have.")
+    min_interval_s: float = Field(
+        0.0, ge=0, description="Per-entity rate limit: event-time seconds between accepted versions."
+    )
+
+
+class DriftConfig(_Frozen):
+    """River drift detectors on the prequential absolute error."""
+
+    detector: Literal["adwin", "page_hinkley", "kswin", "none"] = "adwin"
+    adwin_delta: float = Field(0.002, gt=0, lt=1)
+    ph_threshold: float = Field(50.0, gt=0)
+    ph_min_instances: int = Field(30, ge=1)
+    kswin_alpha: float = Field(0.005, gt=0, lt=1)
+    kswin_window: int = Field(100, ge=20)
+    per_entity: bool = True
+    global_: bool = Field(True, alias="global")
+    entity_warmup: int = Field(10, ge=0, description="Events an entity must have before its drift counts.")
+    reset_on_drift: bool = Field(False, description="Re-adapt a drifted entity from the init, not its adapter.")
+    reservoir_size: int = Field(4096, ge=64, description="Recent events kept to re-adapt the shared part.")
+    global_steps: int = Field(20, ge=1)
+    global_lr: float = Field(0.02, gt=0)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class PipelineConfig(_Frozen):
+    """Everything the learning core needs. Pure: no I/O settings here."""
+
+    events: EventsConfig = EventsConfig()
+    window: WindowConfig = WindowConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    gate: GateConfig = GateConfig()
+    drift: DriftConfig = DriftConfig()
+    seed: int = 0
+
+
+class KafkaConfig(_Frozen):
+    """Kafka connection and topics. `extra` passes librdkafka keys through (security.protocol, ssl.*...)."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "feedback"
+    model_topic: str = "stream-adapt.models"
+    log_topic: str = "stream-adapt.adaptations"
+    dead_letter_topic: str = "stream-adapt.dead-letters"
+    group: str = "stream-adapt"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    extra: dict[str, str] = Field(default_factory=dict, description="Other librdkafka settings, passed through.")
+    exactly_once: bool = False
+
+
+class Settings(BaseSettings):
+    """Service settings: the pipeline plus its edges."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAM_ADAPT_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    pipeline: PipelineConfig = PipelineConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics endpoint.")
+    batch_size: int = Field(2000, ge=1, description="Records polled per batch.")
+    poll_timeout_s: float = Field(0.5, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file arrives as init values; the environment overrides it. CLI flags are merged
+        # over both in load_settings().
+        return (env_settings, init_settings)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/object at the top level")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field by its dotted path."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        secret = any(word in loc for word in ("password", "secret", "token", "key"))
+        shown = "<redacted>" if secret else f"{err.get('input')!r:.60}"
+        lines.append(f"{prefix}{loc or '(root)'}: {err.get('msg')} (got {shown})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build `Settings` from file, environment and overrides (flags). Raises `ConfigError` naming fields.
+
+    Precedence: overrides > environment > file > defaults.
+    """
+    file_values = _read_file(config_file) if config_file else {}
+    try:
+        # Environment above file: let pydantic-settings read env over the file's values, then apply flags.
+        merged_env = Settings(**file_values)
+        values = _deep_merge(merged_env.model_dump(by_alias=True), overrides or {})
+        return Settings.model_validate(values) if overrides else merged_env
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from exc
+
+
+def pipeline_config(overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """A `PipelineConfig` from plain values (tests, benchmarks); `ConfigError` names the field."""
+    try:
+        return PipelineConfig.model_validate(overrides or {})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "pipeline.")) from exc

@@ -1,0 +1,278 @@
+"""The wire formats: feedback events in, adaptation outcomes and model updates out.
+
+`decode(raw, position)` turns one record's bytes into a `FeedbackEvent` or a `DecodeError` value
+carrying the raw bytes, a short machine-readable reason (a bounded set: it labels metrics), a human
+detail and the record's position. It never raises on bad input.
+
+The JSON Schemas under `schemas/` are generated from these models (`stream-adapt schemas export`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+MAX_ID_LENGTH = 128
+MAX_CONTEXT_KEYS = 16
+DEFAULT_MAX_RECORD_BYTES = 64 * 1024
+DEFAULT_MAX_FUTURE_S = 24 * 3600.0
+# Timestamps are seconds since the Unix epoch. Anything before 1990 is a unit or default-value bug
+# (milliseconds are caught by the far-future check).
+MIN_TIMESTAMP = 631152000.0  # 1990-01-01T00:00:00Z
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, strip_whitespace=True)]
+ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ContextValue = Annotated[str, StringConstraints(max_length=256)] | float | bool
+
+
+class EventType(StrEnum):
+    """Kinds of feedback. Explicit ratings carry a score; implicit kinds carry a strength in [0, 1]."""
+
+    RATING = "rating"
+    CLICK = "click"
+    VIEW = "view"
+    LIKE = "like"
+    DISLIKE = "dislike"
+    ADD_TO_CART = "add_to_cart"
+    PURCHASE = "purchase"
+    SKIP = "skip"
+
+
+#: Allowed `value` range per event type (inclusive).
+VALUE_RANGES: dict[EventType, tuple[float, float]] = {
+    EventType.RATING: (0.0, 10.0),
+    **{t: (0.0, 1.0) for t in EventType if t is not EventType.RATING},
+}
+
+
+class FeedbackEvent(BaseModel):
+    """One piece of user feedback about one item."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", coerce_numbers_to_str=True)
+
+    event_id: Id = Field(description="Unique id of the event; duplicates are dead-lettered.")
+    user_id: Id
+    item_id: Id
+    event_type: EventType
+    value: float = Field(
+        allow_inf_nan=False,
+        description="Rating in [0, 10] for `rating`; strength in [0, 1] for implicit types.",
+    )
+    timestamp: float = Field(
+        allow_inf_nan=False,
+        ge=MIN_TIMESTAMP,
+        description="Event time, seconds since the Unix epoch (UTC). Not more than a day in the future.",
+    )
+    context: dict[ContextKey, ContextValue] | None = Field(
+        default=None, max_length=MAX_CONTEXT_KEYS, description="Optional small context (device, page...)."
+    )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_future(cls, ts: float, info: ValidationInfo) -> float:
+        ctx = info.context or {}
+        now = ctx.get("now") or time.time()
+        max_future = ctx.get("max_future_s", DEFAULT_MAX_FUTURE_S)
+        if ts > now + max_future:
+            raise ValueError(f"timestamp {ts:.0f} is more than {max_future:.0f}s in the future")
+        return ts
+
+    @model_validator(mode="after")
+    def _value_in_range(self) -> FeedbackEvent:
+        lo, hi = VALUE_RANGES[self.event_type]
+        if not lo <= self.value <= hi:
+            raise ValueError(f"value {self.value} outside [{lo}, {hi}] for event_type {self.event_type.value}")
+        return self
+
+
+class SourcePosition(BaseModel):
+    """Where a record came from: a topic partition and offset, or a file (`partition` 0, `offset` = line - 1)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+Outcome = Literal["accepted", "rolled_back", "expired"]
+Trigger = Literal["window_full", "max_age", "drift", "evicted", "end_of_stream", "global_drift"]
+
+
+class AdaptationRecord(BaseModel):
+    """One line of the adaptation log: what happened to one window (or one global re-adaptation).
+
+    Every valid event ends in exactly one record (or is still pending in an open window), so an audit
+    over the log proves that nothing was lost or used twice.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    entity: str
+    entity_kind: Literal["user", "item", "global"]
+    outcome: Outcome
+    reason: str = Field(description="Why: 'improved', or the rollback/expiry reason.")
+    trigger: Trigger
+    version: int | None = Field(description="Version published when accepted, else null.")
+    parent_version: int | None
+    base_fingerprint: str
+    positions: list[SourcePosition]
+    n_support: int
+    n_query: int
+    loss_before: float | None
+    loss_after: float | None
+    event_time_first: float | None
+    event_time_last: float | None
+    created_at: float
+
+
+class ModelUpdate(BaseModel):
+    """Metadata of one published adapter version. The tensors travel beside it as safetensors bytes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: Literal[1] = 1
+    entity: str = Field(description="Entity id, or the reserved key '__global__' for the shared part.")
+    entity_kind: Literal["user", "item", "global"]
+    version: int = Field(ge=1, description="Monotonic per entity.")
+    parent_version: int | None
+    base_fingerprint: str = Field(description="sha256 of the frozen base model this adapter applies to.")
+    trigger: Trigger
+    positions: list[SourcePosition] = Field(description="Exact source positions of the events consumed.")
+    loss_before: float
+    loss_after: float
+    n_support: int
+    n_query: int
+    event_time_first: float | None
+    event_time_last: float | None
+    created_at: float
+    tensors: dict[str, list[int]] = Field(description="Adapter tensor names and shapes (float32).")
+
+
+GLOBAL_ENTITY = "__global__"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeError:
+    """A record that could not become a `FeedbackEvent`: kept whole, with why and where."""
+
+    raw: bytes
+    reason: str
+    detail: str
+    position: SourcePosition
+
+
+#: The bounded set of reasons a record can be dead-lettered for (they label metrics).
+DECODE_REASONS = (
+    "too_large",
+    "not_json",
+    "missing_field",
+    "wrong_type",
+    "non_finite",
+    "unknown_event_type",
+    "id_invalid",
+    "value_out_of_range",
+    "timestamp_out_of_range",
+    "context_invalid",
+    "duplicate_event_id",
+    "invalid",
+)
+
+_EVENT_ADAPTER: TypeAdapter[FeedbackEvent] = TypeAdapter(FeedbackEvent)
+
+
+def _reason(err: dict[str, Any]) -> str:
+    kind = str(err.get("type", ""))
+    loc = err.get("loc") or ()
+    field = str(loc[0]) if loc else ""
+    if kind in ("json_invalid", "json_type", "model_type", "model_attributes_type"):
+        return "not_json"
+    if kind == "missing":
+        return "missing_field"
+    if kind == "finite_number":
+        return "non_finite"
+    if field == "context":
+        return "context_invalid"
+    if kind == "enum":
+        return "unknown_event_type"
+    if field in ("event_id", "user_id", "item_id"):
+        return "id_invalid"
+    if field == "timestamp" and kind in ("greater_than_equal", "value_error"):
+        return "timestamp_out_of_range"
+    if kind == "value_error" and not field:
+        return "value_out_of_range"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return "wrong_type"
+    return "invalid"
+
+
+def decode(
+    raw: bytes,
+    position: SourcePosition,
+    *,
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    max_future_s: float = DEFAULT_MAX_FUTURE_S,
+    now: float | None = None,
+) -> FeedbackEvent | DecodeError:
+    """Decode one record. Never raises for bad input: returns a `DecodeError` value instead."""
+    if len(raw) > max_bytes:
+        return DecodeError(raw[:max_bytes], "too_large", f"{len(raw)} bytes > limit {max_bytes}", position)
+    try:
+        return _EVENT_ADAPTER.validate_json(
+            raw, context={"now": now or time.time(), "max_future_s": max_future_s}
+        )
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[0] if errors else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        detail = f"{loc}: {first.get('msg', '')}" if loc else str(first.get("msg", "invalid"))
+        return DecodeError(raw, _reason(first), detail[:500], position)
+    except (RecursionError, ValueError, UnicodeError) as exc:  # pathological input the parser refuses
+        return DecodeError(raw, "not_json", f"{type(exc).__name__}: {exc}"[:500], position)
+
+
+def event_to_json(event: FeedbackEvent) -> bytes:
+    """The canonical wire bytes of an event (what `decode` reads back)."""
+    return event.model_dump_json(exclude_none=True).encode()
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN: non-finite losses are written as null."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema documents published under `schemas/`, by file name."""
+    return {
+        "feedback_event.schema.json": FeedbackEvent.model_json_schema(),
+        "model_update.schema.json": ModelUpdate.model_json_schema(),
+        "adaptation_record.schema.json": AdaptationRecord.model_json_schema(),
+    }
+
+
+def export_schemas(directory: Path) -> list[Path]:
+    """Write every schema to `directory`; returns the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, schema in json_schemas().items():
+        path = directory / name
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
