@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -102,8 +102,16 @@ class FeedbackEvent(BaseModel):
         return self
 
 
+class Position(NamedTuple):
+    """Where a record came from (hot path: a plain tuple). For files: partition 0, offset = line - 1."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
 class SourcePosition(BaseModel):
-    """Where a record came from: a topic partition and offset, or a file (`partition` 0, `offset` = line - 1)."""
+    """A `Position` in the published JSON (adaptation log, model update metadata)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -176,7 +184,7 @@ class DecodeError:
     raw: bytes
     reason: str
     detail: str
-    position: SourcePosition
+    position: Position
 
 
 #: The bounded set of reasons a record can be dead-lettered for (they label metrics).
@@ -192,6 +200,7 @@ DECODE_REASONS = (
     "timestamp_out_of_range",
     "context_invalid",
     "duplicate_event_id",
+    "malformed_line",
     "invalid",
 )
 
@@ -225,7 +234,7 @@ def _reason(err: dict[str, Any]) -> str:
 
 def decode(
     raw: bytes,
-    position: SourcePosition,
+    position: Position,
     *,
     max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     max_future_s: float = DEFAULT_MAX_FUTURE_S,

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from stream_adapt.events import SourcePosition
+from stream_adapt.events import Position
 
 if TYPE_CHECKING:
     from stream_adapt.learning.pipeline import BatchResult
@@ -25,7 +25,7 @@ class Record:
     """One raw record as read from a source."""
 
     value: bytes
-    position: SourcePosition
+    position: Position
     key: bytes | None = None
     timestamp_ms: int | None = None
 
