@@ -244,9 +244,7 @@ def decode(
     if len(raw) > max_bytes:
         return DecodeError(raw[:max_bytes], "too_large", f"{len(raw)} bytes > limit {max_bytes}", position)
     try:
-        return _EVENT_ADAPTER.validate_json(
-            raw, context={"now": now or time.time(), "max_future_s": max_future_s}
-        )
+        return _EVENT_ADAPTER.validate_json(raw, context={"now": now or time.time(), "max_future_s": max_future_s})
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         first = errors[0] if errors else {}

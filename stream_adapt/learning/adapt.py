@@ -79,9 +79,7 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def _window_losses(
-    model: AdaptableModel, theta: Adapter, start: Adapter, batch: WindowBatch, l2: float
-) -> Tensor:
+def _window_losses(model: AdaptableModel, theta: Adapter, start: Adapter, batch: WindowBatch, l2: float) -> Tensor:
     pred = model.predict(theta, batch.support_idx)
     losses = masked_mean((pred - batch.support_y) ** 2, batch.support_mask)
     if l2:

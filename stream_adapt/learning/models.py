@@ -229,8 +229,10 @@ def load_model(directory: Path, entity: EntityKind | None = None) -> NeuralRecom
     """Load a model directory written by `save_model`; verify its fingerprint; freeze it."""
     weights, cfg_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
     if not weights.is_file() or not cfg_path.is_file():
-        raise ModelLoadError(f"{directory} is not a model directory (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
-                             "create one with `stream-adapt pretrain`")
+        raise ModelLoadError(
+            f"{directory} is not a model directory (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
+            "create one with `stream-adapt pretrain`"
+        )
     try:
         body = json.loads(cfg_path.read_text())
         fingerprint = body.pop("fingerprint")

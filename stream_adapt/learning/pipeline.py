@@ -1,0 +1,394 @@
+"""The whole learning step, without I/O: `Pipeline.process(batch) -> BatchResult`.
+
+For each batch of raw records, in order:
+  1. decode and validate (bad records become dead letters; duplicate event ids too; events already
+     used before a crash are recognised by position and skipped),
+  2. score every event with its entity's *current* adapter, once for the batch (test-then-train: the
+     error is measured before the event is learned from) and, for an honest counterfactual, with the
+     initial adapter ("no adaptation"),
+  3. feed the errors to the drift detectors and the events to their entity's window,
+  4. adapt all windows that closed (full, drifted, too old, evicted) in one vectorised call, gate them,
+     and turn accepted ones into versioned updates; every outcome goes to the adaptation log,
+  5. on global drift, re-adapt the shared part on a reservoir of recent events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from stream_adapt.config import PipelineConfig
+from stream_adapt.events import (
+    GLOBAL_ENTITY,
+    AdaptationRecord,
+    DecodeError,
+    FeedbackEvent,
+    ModelUpdate,
+    Position,
+    SourcePosition,
+    decode,
+    finite_or_none,
+)
+from stream_adapt.learning.adapt import adapt_batched, gate, pad_batch, query_errors
+from stream_adapt.learning.drift import DriftMonitor
+from stream_adapt.learning.models import AdaptableModel
+from stream_adapt.learning.state import AdapterTable
+from stream_adapt.learning.updates import encode_update
+from stream_adapt.learning.windows import Shot, Window, WindowStore
+
+#: Smallest reservoir that a global re-adaptation runs on.
+MIN_GLOBAL_EVENTS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedUpdate:
+    """An accepted adapter version, ready for the model topic: key = entity."""
+
+    entity: str
+    update: ModelUpdate
+    payload: bytes
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced. The sink publishes it; metrics and summaries read it."""
+
+    records: int = 0
+    events: int = 0  # valid events
+    learned: int = 0  # scored and windowed
+    ignored: int = 0  # valid, but of a type the model does not learn from
+    already_applied: int = 0  # re-delivered events an earlier outcome already used
+    dead_letters: list[DecodeError] = field(default_factory=list)
+    log: list[AdaptationRecord] = field(default_factory=list)
+    updates: list[PublishedUpdate] = field(default_factory=list)
+    windows_filled: int = 0
+    entity_drifts: int = 0
+    global_drifts: int = 0
+    # prequential error sums over learned events: with the current adapter, and with no adaptation
+    abs_err: float = 0.0
+    sq_err: float = 0.0
+    base_abs_err: float = 0.0
+    base_sq_err: float = 0.0
+    # query-shot error sums over adapted windows: as scored before joining, and with the gate's choice
+    query_n: int = 0
+    query_abs_before: float = 0.0
+    query_abs_after: float = 0.0
+    adapt_batch_sizes: list[int] = field(default_factory=list)
+    adapt_seconds: float = 0.0
+    stream_time: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Stateful learning core. Not thread-safe: one pipeline per consumer."""
+
+    def __init__(self, model: AdaptableModel, config: PipelineConfig, table: AdapterTable | None = None):
+        self.model = model
+        self.cfg = config
+        self.table = table or AdapterTable(model.adapter_spec())
+        self.windows = WindowStore(config.window)
+        self.drift = DriftMonitor(config.drift, config.window.max_entities, config.seed)
+        self.global_version = 0
+        self._by_user = config.window.entity == "user"
+        self._learn = frozenset(config.events.learn_types)
+        self._seen: OrderedDict[str, Position] = OrderedDict()
+        self._reservoir: deque[tuple[str, int, float]] = deque(maxlen=config.drift.reservoir_size)
+        self._global_pending = False
+        self._since_global = 0
+        self._drifted: set[str] = set()
+        self.stream_time: float | None = None
+        torch.manual_seed(config.seed)
+
+    # ---- public ---------------------------------------------------------------------------------
+    def process(self, items: Sequence[object], now: float | None = None) -> BatchResult:
+        """Run one batch of `Record`s (or `DecodeError`s from a file reader) through every stage."""
+        res = BatchResult(records=len(items))
+        t0 = time.perf_counter()
+        events, positions = self._decode(items, res, now or time.time())
+        t1 = time.perf_counter()
+        closing = self._score_and_window(events, positions, res) if events else []
+        t2 = time.perf_counter()
+        if self.stream_time is not None:
+            closing += [(w, "max_age") for w in self.windows.due(self.stream_time)]
+        self._close(closing, res)
+        if self._global_pending and self._since_global >= self.cfg.drift.reservoir_size // 2:
+            self._adapt_global(res)
+        t3 = time.perf_counter()
+        res.stream_time = self.stream_time
+        res.stage_seconds = {"decode": t1 - t0, "score_window": t2 - t1, "adapt": t3 - t2}
+        return res
+
+    def drain(self, trigger: str = "end_of_stream") -> BatchResult:
+        """Close every open window (end of a finite stream): adapt those with enough shots, expire the rest."""
+        res = BatchResult()
+        closing = [(w, trigger) for w in list(self.windows)]
+        for w, _ in closing:
+            self.windows.take(w.entity)
+        self._close(closing, res)
+        res.stream_time = self.stream_time
+        return res
+
+    def safe_offsets(self, next_offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """Offsets a source may commit: never past an event still held in an open window."""
+        marks = self.windows.low_watermarks()
+        return {tp: min(nxt, marks.get(tp, nxt)) for tp, nxt in next_offsets.items()}
+
+    # ---- stages ---------------------------------------------------------------------------------
+    def _decode(
+        self, items: Sequence[object], res: BatchResult, now: float
+    ) -> tuple[list[FeedbackEvent], list[Position]]:
+        ev_cfg = self.cfg.events
+        seen, capacity = self._seen, ev_cfg.dedup_capacity
+        events: list[FeedbackEvent] = []
+        positions: list[Position] = []
+        for item in items:
+            if isinstance(item, DecodeError):
+                res.dead_letters.append(item)
+                continue
+            raw, pos = item.value, item.position  # type: ignore[attr-defined]
+            ev = decode(raw, pos, max_bytes=ev_cfg.max_record_bytes, max_future_s=ev_cfg.max_future_s, now=now)
+            if isinstance(ev, DecodeError):
+                res.dead_letters.append(ev)
+                continue
+            if capacity:
+                first = seen.get(ev.event_id)
+                if first is not None and first != pos:
+                    res.dead_letters.append(
+                        DecodeError(raw, "duplicate_event_id", f"event_id {ev.event_id!r} first seen at {first}", pos)
+                    )
+                    continue
+                seen[ev.event_id] = pos
+                if len(seen) > capacity:
+                    seen.popitem(last=False)
+            res.events += 1
+            if ev.event_type not in self._learn:
+                res.ignored += 1
+                continue
+            if self.table.is_consumed(ev.user_id if self._by_user else ev.item_id, pos):
+                res.already_applied += 1
+                continue
+            events.append(ev)
+            positions.append(pos)
+        return events, positions
+
+    def _score_and_window(
+        self, events: list[FeedbackEvent], positions: list[Position], res: BatchResult
+    ) -> list[tuple[Window, str]]:
+        model, cfg = self.model, self.cfg
+        if self._by_user:
+            entities = [e.user_id for e in events]
+            counterparts = [e.item_id for e in events]
+        else:
+            entities = [e.item_id for e in events]
+            counterparts = [e.user_id for e in events]
+        entity_idx = model.entity_index(entities)
+        cp_idx = model.counterpart_index(counterparts)
+        with torch.no_grad():
+            cols = cp_idx.unsqueeze(1)
+            preds = model.predict(self.table.gather(model, entities, entity_idx), cols).squeeze(1).tolist()
+            base = model.predict(model.initial_adapter(entity_idx), cols).squeeze(1).tolist()
+        cps = cp_idx.tolist()
+
+        windows, drift, reservoir, drifted = self.windows, self.drift, self._reservoir, self._drifted
+        min_shots = cfg.window.min_shots
+        closing: list[tuple[Window, str]] = []
+        abs_err = sq_err = b_abs = b_sq = 0.0
+        stream_time = self.stream_time if self.stream_time is not None else float("-inf")
+        for i, ev in enumerate(events):
+            y, entity = ev.value, entities[i]
+            err = preds[i] - y
+            berr = base[i] - y
+            abs_err += abs(err)
+            sq_err += err * err
+            b_abs += abs(berr)
+            b_sq += berr * berr
+            ts = ev.timestamp
+            if ts > stream_time:
+                stream_time = ts
+            entity_drift, global_drift = drift.update(entity, abs(err))
+            if global_drift:
+                res.global_drifts += 1
+                self._global_pending = True
+            reservoir.append((entity, cps[i], y))
+            full = windows.add(entity, Shot(cps[i], y, ts, positions[i], preds[i]))
+            if entity_drift:
+                res.entity_drifts += 1
+                drifted.add(entity)
+            if full is not None:
+                res.windows_filled += 1
+                closing.append((full, "drift" if entity in drifted else "window_full"))
+            elif entity in drifted:
+                open_w = windows.get(entity)
+                if open_w is not None and len(open_w.shots) >= min_shots:
+                    windows.take(entity)
+                    closing.append((open_w, "drift"))
+        self._since_global += len(events)
+        self.stream_time = stream_time
+        res.learned += len(events)
+        res.abs_err += abs_err
+        res.sq_err += sq_err
+        res.base_abs_err += b_abs
+        res.base_sq_err += b_sq
+        closing += [(w, "evicted") for w in windows.drain_evicted()]
+        return closing
+
+    def _close(self, closing: list[tuple[Window, str]], res: BatchResult) -> None:
+        min_shots = self.cfg.window.min_shots
+        ready = []
+        for window, trigger in closing:
+            if len(window.shots) >= min_shots:
+                ready.append((window, trigger))
+            else:
+                res.log.append(self._record(window, trigger, "expired", "too_few_shots", None, None, None))
+        step = self.cfg.adapt.max_batch
+        for i in range(0, len(ready), step):
+            self._adapt(ready[i : i + step], res)
+
+    def _adapt(self, ready: list[tuple[Window, str]], res: BatchResult) -> None:
+        t0 = time.perf_counter()
+        model, cfg, table = self.model, self.cfg, self.table
+        entities = [w.entity for w, _ in ready]
+        entity_idx = model.entity_index(entities)
+        current = table.gather(model, entities, entity_idx)
+        start = current
+        if cfg.drift.reset_on_drift and any(t == "drift" for _, t in ready):
+            init = model.initial_adapter(entity_idx)
+            reset = torch.tensor([t == "drift" for _, t in ready])
+            start = {k: torch.where(reset.view(-1, *[1] * (v.dim() - 1)), init[k], v) for k, v in current.items()}
+        support, query = [], []
+        for window, _ in ready:
+            s, q = window.split(cfg.window)
+            support.append(([x.counterpart for x in s], [x.value for x in s]))
+            query.append(([x.counterpart for x in q], [x.value for x in q]))
+        batch = pad_batch(start, support, query)
+        result = adapt_batched(model, batch, cfg.adapt)
+        if start is not current:  # the gate compares against what serving has now, not the reset start
+            result.loss_before, result.mae_before = query_errors(model, current, batch)
+        reasons = gate(current, result, cfg.gate)
+        loss_b, loss_a = result.loss_before.tolist(), result.loss_after.tolist()
+        mae_after = result.mae_after.tolist()
+        mae_before = result.mae_before.tolist()
+        for b, (window, trigger) in enumerate(ready):
+            reason = reasons[b]
+            last_ts = window.shots[-1].timestamp
+            state = table.mark_consumed(window.entity, [s.position for s in window.shots])
+            if reason == "accepted" and last_ts - state.last_accepted_at < cfg.gate.min_interval_s:
+                reason = "rate_limited"
+            _, q = window.split(cfg.window)
+            res.query_n += len(q)
+            res.query_abs_before += sum(abs(s.prediction - s.value) for s in q)
+            res.query_abs_after += len(q) * (mae_after[b] if reason == "accepted" else mae_before[b])
+            if reason == "accepted":
+                row = {k: v[b] for k, v in result.adapter.items()}
+                parent = state.version or None
+                version = state.version + 1
+                table.put(window.entity, row, version, last_ts)
+                record = self._record(window, trigger, "accepted", "improved", version, loss_b[b], loss_a[b], parent)
+                update = ModelUpdate(
+                    **record.model_dump(exclude={"outcome", "reason"}),
+                    tensors={k: list(v.shape) for k, v in row.items()},
+                )
+                res.updates.append(PublishedUpdate(window.entity, update, encode_update(update, row)))
+            else:
+                record = self._record(window, trigger, "rolled_back", reason, None, loss_b[b], loss_a[b])
+            res.log.append(record)
+            self._drifted.discard(window.entity)
+        res.adapt_batch_sizes.append(len(ready))
+        res.adapt_seconds += time.perf_counter() - t0
+
+    def _adapt_global(self, res: BatchResult) -> None:
+        """Re-adapt the shared part on the recent reservoir: oldest 80% support, newest 20% query."""
+        if len(self._reservoir) < MIN_GLOBAL_EVENTS:
+            return
+        self._global_pending = False
+        self._since_global = 0
+        t0 = time.perf_counter()
+        model, dcfg = self.model, self.cfg.drift
+        entities, cps, ys = zip(*self._reservoir, strict=True)
+        adapters = self.table.gather(model, list(entities), model.entity_index(list(entities)))
+        idx = torch.tensor(cps, dtype=torch.long).unsqueeze(1)
+        y = torch.tensor(ys).unsqueeze(1)
+        n_q = max(1, len(ys) // 5)
+        sup, qry = slice(0, len(ys) - n_q), slice(len(ys) - n_q, len(ys))
+        current = model.global_adapter()
+        params = {k: v.clone().requires_grad_(True) for k, v in current.items()}
+        opt = torch.optim.Adam(list(params.values()), lr=dcfg.global_lr)
+        sup_adapter = {k: v[sup] for k, v in adapters.items()}
+        for _ in range(dcfg.global_steps):
+            opt.zero_grad()
+            loss = ((model.predict(sup_adapter, idx[sup], params) - y[sup]) ** 2).mean()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            q_adapter = {k: v[qry] for k, v in adapters.items()}
+            before = float(((model.predict(q_adapter, idx[qry], current) - y[qry]) ** 2).mean())
+            new = {k: v.detach() for k, v in params.items()}
+            after = float(((model.predict(q_adapter, idx[qry], new) - y[qry]) ** 2).mean())
+            finite = all(bool(torch.isfinite(v).all()) for v in new.values())
+        accepted = finite and after < before * (1.0 - self.cfg.gate.min_improvement)
+        parent = self.global_version or None
+        version = self.global_version + 1 if accepted else None
+        record = AdaptationRecord(
+            entity=GLOBAL_ENTITY,
+            entity_kind="global",
+            outcome="accepted" if accepted else "rolled_back",
+            reason="improved" if accepted else ("non_finite" if not finite else "not_better"),
+            trigger="global_drift",
+            version=version,
+            parent_version=parent,
+            base_fingerprint=model.fingerprint,
+            positions=[],
+            n_support=len(ys) - n_q,
+            n_query=n_q,
+            loss_before=before,
+            loss_after=after if finite else None,
+            event_time_first=None,
+            event_time_last=self.stream_time,
+            created_at=time.time(),
+        )
+        res.log.append(record)
+        if accepted and version is not None:
+            model.set_global_adapter(new)
+            self.global_version = version
+            update = ModelUpdate(
+                **record.model_dump(exclude={"outcome", "reason"}),
+                tensors={k: list(v.shape) for k, v in new.items()},
+            )
+            res.updates.append(PublishedUpdate(GLOBAL_ENTITY, update, encode_update(update, new)))
+        res.adapt_seconds += time.perf_counter() - t0
+
+    def _record(
+        self,
+        window: Window,
+        trigger: str,
+        outcome: str,
+        reason: str,
+        version: int | None,
+        loss_before: float | None,
+        loss_after: float | None,
+        parent: int | None = None,
+    ) -> AdaptationRecord:
+        shots = window.shots
+        n_query = len(window.split(self.cfg.window)[1]) if outcome != "expired" else 0
+        return AdaptationRecord(
+            entity=window.entity,
+            entity_kind=self.cfg.window.entity,
+            outcome=outcome,  # type: ignore[arg-type]
+            reason=reason,
+            trigger=trigger,  # type: ignore[arg-type]
+            version=version,
+            parent_version=parent if version is not None else (self.table.version(window.entity) or None),
+            base_fingerprint=self.model.fingerprint,
+            positions=[SourcePosition(topic=p[0], partition=p[1], offset=p[2]) for p in (s.position for s in shots)],
+            n_support=len(shots) - n_query,
+            n_query=n_query,
+            loss_before=finite_or_none(loss_before),
+            loss_after=finite_or_none(loss_after),
+            event_time_first=shots[0].timestamp,
+            event_time_last=shots[-1].timestamp,
+            created_at=time.time(),
+        )
