@@ -73,6 +73,9 @@ class AdaptConfig(_Frozen):
     l2: float = Field(0.01, ge=0, description="Pull toward the starting adapter: l2 * ||theta - theta0||^2.")
     max_batch: int = Field(4096, ge=1, description="At most this many windows per vectorised call.")
     device: str = Field("cpu", description="torch device for adaptation ('cpu', 'cuda').")
+    threads: int = Field(
+        1, ge=0, description="torch intra-op threads (0: torch's default). One is fastest on small shared hosts."
+    )
 
 
 class GateConfig(_Frozen):

@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from typing_extensions import TypedDict
 
 MAX_ID_LENGTH = 128
 MAX_CONTEXT_KEYS = 16
@@ -110,14 +111,12 @@ class Position(NamedTuple):
     offset: int
 
 
-class SourcePosition(BaseModel):
+class SourcePosition(TypedDict):
     """A `Position` in the published JSON (adaptation log, model update metadata)."""
 
-    model_config = ConfigDict(frozen=True)
-
     topic: str
-    partition: int = Field(ge=0)
-    offset: int = Field(ge=0)
+    partition: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
 
 
 Outcome = Literal["accepted", "rolled_back", "expired"]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from stream_adapt.events import Position
+from stream_adapt.events import DecodeError, Position
 
 if TYPE_CHECKING:
     from stream_adapt.learning.pipeline import BatchResult
@@ -34,8 +34,12 @@ class Record:
 class Source(Protocol):
     """Where feedback records come from."""
 
-    def poll_batch(self, max_records: int, timeout_s: float) -> Sequence[Record]:
-        """Up to `max_records` records; empty when none arrived within `timeout_s`."""
+    def poll_batch(self, max_records: int, timeout_s: float) -> Sequence[Record | DecodeError]:
+        """Up to `max_records` records; empty when none arrived within `timeout_s`.
+
+        A source may hand over records it already knows are bad (a malformed file line) as
+        `DecodeError` values; the pipeline dead-letters them like any other bad record.
+        """
         ...
 
     @property

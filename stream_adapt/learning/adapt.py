@@ -59,14 +59,9 @@ def pad_batch(
 
     def pad(rows: list[tuple[list[int], list[float]]]) -> tuple[Tensor, Tensor, Tensor]:
         width = max((len(r[0]) for r in rows), default=1) or 1
-        idx = torch.zeros(len(rows), width, dtype=torch.long)
-        y = torch.zeros(len(rows), width)
-        mask = torch.zeros(len(rows), width)
-        for b, (i, v) in enumerate(rows):
-            n = len(i)
-            idx[b, :n] = torch.tensor(i, dtype=torch.long)
-            y[b, :n] = torch.tensor(v)
-            mask[b, :n] = 1.0
+        idx = torch.tensor([i + [0] * (width - len(i)) for i, _ in rows], dtype=torch.long)
+        y = torch.tensor([v + [0.0] * (width - len(v)) for _, v in rows], dtype=torch.float32)
+        mask = torch.tensor([[1.0] * len(i) + [0.0] * (width - len(i)) for i, _ in rows], dtype=torch.float32)
         return idx, y, mask
 
     s_idx, s_y, s_m = pad(support)

@@ -35,7 +35,7 @@ from stream_adapt.events import (
 )
 from stream_adapt.learning.adapt import adapt_batched, gate, pad_batch, query_errors
 from stream_adapt.learning.drift import DriftMonitor
-from stream_adapt.learning.models import AdaptableModel
+from stream_adapt.learning.models import AdaptableModel, Adapter
 from stream_adapt.learning.state import AdapterTable
 from stream_adapt.learning.updates import encode_update
 from stream_adapt.learning.windows import Shot, Window, WindowStore
@@ -288,11 +288,7 @@ class Pipeline:
                 version = state.version + 1
                 table.put(window.entity, row, version, last_ts)
                 record = self._record(window, trigger, "accepted", "improved", version, loss_b[b], loss_a[b], parent)
-                update = ModelUpdate(
-                    **record.model_dump(exclude={"outcome", "reason"}),
-                    tensors={k: list(v.shape) for k, v in row.items()},
-                )
-                res.updates.append(PublishedUpdate(window.entity, update, encode_update(update, row)))
+                res.updates.append(_published(record, row))
             else:
                 record = self._record(window, trigger, "rolled_back", reason, None, loss_b[b], loss_a[b])
             res.log.append(record)
@@ -332,7 +328,7 @@ class Pipeline:
         accepted = finite and after < before * (1.0 - self.cfg.gate.min_improvement)
         parent = self.global_version or None
         version = self.global_version + 1 if accepted else None
-        record = AdaptationRecord(
+        record = AdaptationRecord.model_construct(
             entity=GLOBAL_ENTITY,
             entity_kind="global",
             outcome="accepted" if accepted else "rolled_back",
@@ -354,11 +350,7 @@ class Pipeline:
         if accepted and version is not None:
             model.set_global_adapter(new)
             self.global_version = version
-            update = ModelUpdate(
-                **record.model_dump(exclude={"outcome", "reason"}),
-                tensors={k: list(v.shape) for k, v in new.items()},
-            )
-            res.updates.append(PublishedUpdate(GLOBAL_ENTITY, update, encode_update(update, new)))
+            res.updates.append(_published(record, new))
         res.adapt_seconds += time.perf_counter() - t0
 
     def _record(
@@ -374,7 +366,9 @@ class Pipeline:
     ) -> AdaptationRecord:
         shots = window.shots
         n_query = len(window.split(self.cfg.window)[1]) if outcome != "expired" else 0
-        return AdaptationRecord(
+        # model_construct: the fields are built here from trusted values; validating ~10 models per window
+        # would cost more than adapting it.
+        return AdaptationRecord.model_construct(
             entity=window.entity,
             entity_kind=self.cfg.window.entity,
             outcome=outcome,  # type: ignore[arg-type]
@@ -383,7 +377,7 @@ class Pipeline:
             version=version,
             parent_version=parent if version is not None else (self.table.version(window.entity) or None),
             base_fingerprint=self.model.fingerprint,
-            positions=[SourcePosition(topic=p[0], partition=p[1], offset=p[2]) for p in (s.position for s in shots)],
+            positions=[SourcePosition(topic=t, partition=p, offset=o) for t, p, o in _positions(shots)],
             n_support=len(shots) - n_query,
             n_query=n_query,
             loss_before=finite_or_none(loss_before),
@@ -392,3 +386,20 @@ class Pipeline:
             event_time_last=shots[-1].timestamp,
             created_at=time.time(),
         )
+
+
+def _positions(shots: list[Shot]) -> list[Position]:
+    return [s.position for s in shots]
+
+
+_UPDATE_FIELDS = tuple(k for k in ModelUpdate.model_fields if k not in ("schema_version", "tensors"))
+
+
+def _published(record: AdaptationRecord, tensors: Adapter) -> PublishedUpdate:
+    """The model-topic message for an accepted record: its metadata plus the adapter tensors."""
+    update = ModelUpdate.model_construct(
+        schema_version=1,
+        tensors={k: list(v.shape) for k, v in tensors.items()},
+        **{k: getattr(record, k) for k in _UPDATE_FIELDS},
+    )
+    return PublishedUpdate(record.entity, update, encode_update(update, tensors))

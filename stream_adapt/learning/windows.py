@@ -40,7 +40,7 @@ class Window:
     seq: int
     opened_at: float
     shots: list[Shot] = field(default_factory=list)
-    drift_pending: bool = False
+    first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # per partition
 
     def split(self, cfg: WindowConfig) -> tuple[list[Shot], list[Shot]]:
         """(support, query): the last Q shots (scaled down for partial windows, at least 1) are the query."""
@@ -86,9 +86,11 @@ class WindowStore:
                 self._evicted.append(oldest)
         else:
             self._open.move_to_end(entity)
-        pos = shot.position
-        if not any(s.position[:2] == pos[:2] for s in window.shots):
-            heapq.heappush(self._offset_heaps.setdefault((pos[0], pos[1]), []), (pos[2], window.seq))
+        topic, partition, offset = shot.position
+        tp = (topic, partition)
+        if tp not in window.first_offsets:
+            window.first_offsets[tp] = offset
+            heapq.heappush(self._offset_heaps.setdefault(tp, []), (offset, window.seq))
         window.shots.append(shot)
         self.open_events += 1
         if len(self._age_heap) > 2 * len(self._open) + 1024:
@@ -139,10 +141,7 @@ class WindowStore:
         heapq.heapify(self._age_heap)
         heaps: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for w in self._open.values():
-            first: dict[tuple[str, int], int] = {}
-            for s in w.shots:
-                first.setdefault((s.position[0], s.position[1]), s.position[2])
-            for tp, offset in first.items():
+            for tp, offset in w.first_offsets.items():
                 heaps.setdefault(tp, []).append((offset, w.seq))
         for heap in heaps.values():
             heapq.heapify(heap)
