@@ -14,16 +14,18 @@ from typing import Any
 
 from river import drift
 
-from stream_adapt.config import DriftConfig
+from stream_adapt.config import DetectorConfig, DriftConfig
 
 
-def make_detector(cfg: DriftConfig, seed: int = 0) -> Any | None:
-    """A fresh river detector as configured, or None when drift detection is off."""
-    if cfg.detector == "adwin":
-        return drift.ADWIN(delta=cfg.adwin_delta)
-    if cfg.detector == "page_hinkley":
-        return drift.PageHinkley(threshold=cfg.ph_threshold, min_instances=cfg.ph_min_instances, mode="up")
-    if cfg.detector == "kswin":
+def make_detector(cfg: DetectorConfig, seed: int = 0) -> Any | None:
+    """A fresh river detector as configured, or None when this detector is off."""
+    if cfg.kind == "adwin":
+        return drift.ADWIN(delta=cfg.adwin_delta, clock=cfg.adwin_clock)
+    if cfg.kind == "page_hinkley":
+        return drift.PageHinkley(
+            threshold=cfg.ph_threshold, delta=cfg.ph_delta, min_instances=cfg.ph_min_instances, mode="up"
+        )
+    if cfg.kind == "kswin":
         return drift.KSWIN(alpha=cfg.kswin_alpha, window_size=cfg.kswin_window, seed=seed)
     return None
 
@@ -43,9 +45,9 @@ class DriftMonitor:
         self.cfg = cfg
         self.max_entities = max_entities
         self.seed = seed
-        self.global_detector = make_detector(cfg, seed) if cfg.global_ else None
+        self.global_detector = make_detector(cfg.global_detector, seed)
         self._entities: OrderedDict[str, _EntityDrift] = OrderedDict()
-        self.enabled = cfg.detector != "none"
+        self.per_entity = cfg.entity_detector.kind != "none"
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -53,17 +55,15 @@ class DriftMonitor:
 
     def update(self, entity: str, error: float) -> tuple[bool, bool]:
         """Feed one error; returns (entity drift detected, global drift detected)."""
-        if not self.enabled:
-            return False, False
         global_drift = False
         if self.global_detector is not None:
             self.global_detector.update(error)
             global_drift = self.global_detector.drift_detected
-        if not self.cfg.per_entity:
+        if not self.per_entity:
             return False, global_drift
         state = self._entities.get(entity)
         if state is None:
-            state = _EntityDrift(make_detector(self.cfg, self.seed))
+            state = _EntityDrift(make_detector(self.cfg.entity_detector, self.seed))
             self._entities[entity] = state
             if len(self._entities) > self.max_entities:
                 self._entities.popitem(last=False)

@@ -1,0 +1,173 @@
+"""The `stream-adapt` command: parses arguments, builds configuration, wires the parts, runs.
+
+Subcommands: synth, pretrain, run, demo, schemas. Configuration for `run` comes from `--config FILE`
+(TOML or JSON), STREAM_ADAPT_* environment variables, `--set section.key=value` and a few shortcut
+flags, in rising precedence. Errors print one clear message and exit non-zero: 2 for usage and
+configuration, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stream_adapt import __version__
+from stream_adapt.errors import ConfigError, StreamAdaptError
+
+log = logging.getLogger("stream_adapt")
+
+# Shortcut flags of `run`: flag -> dotted settings path.
+SHORTCUTS: dict[str, str] = {
+    "entity": "pipeline.window.entity",
+    "shots": "pipeline.window.shots",
+    "query_shots": "pipeline.window.query_shots",
+    "max_entities": "pipeline.window.max_entities",
+    "steps": "pipeline.adapt.steps",
+    "lr": "pipeline.adapt.lr",
+    "optimizer": "pipeline.adapt.optimizer",
+    "entity_detector": "pipeline.drift.entity_detector.kind",
+    "global_detector": "pipeline.drift.global_detector.kind",
+    "batch_size": "batch_size",
+    "metrics_port": "metrics_port",
+}
+
+
+def _set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+    target[keys[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings overrides from `--set` and the shortcut flags."""
+    out: dict[str, Any] = {}
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        _set_path(out, key.strip(), _parse_value(value))
+    for flag, dotted in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            _set_path(out, dotted, value)
+    return out
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="configuration file (TOML or JSON)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any setting by dotted path, e.g. --set pipeline.adapt.l2=0.05 (repeatable)",
+    )
+    g = p.add_argument_group("shortcuts")
+    g.add_argument("--entity", choices=["user", "item"], help="adapt per user (default) or per item")
+    g.add_argument("--shots", type=int, help="K: events per window")
+    g.add_argument("--query-shots", type=int, help="Q: last events of a window used by the gate")
+    g.add_argument("--max-entities", type=int, help="open windows kept (LRU bound)")
+    g.add_argument("--steps", type=int, help="gradient steps per adaptation")
+    g.add_argument("--lr", type=float, help="adaptation learning rate")
+    g.add_argument("--optimizer", choices=["sgd", "adam"])
+    g.add_argument("--entity-detector", choices=["adwin", "page_hinkley", "kswin", "none"], help="per-entity drift")
+    g.add_argument("--global-detector", choices=["adwin", "page_hinkley", "kswin", "none"], help="global drift")
+    g.add_argument("--batch-size", type=int, help="records per poll")
+    g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-adapt",
+        description="A Kafka consumer for recommenders that learns while it serves.",
+    )
+    parser.add_argument("--version", action="version", version=f"stream-adapt {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic history and live stream with known drift")
+    p.add_argument("--out", type=Path, required=True, help="directory for history.jsonl, live.jsonl, truth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, help="number of users (default 1000)")
+    p.add_argument("--items", type=int, help="number of items (default 500)")
+
+    p = sub.add_parser("pretrain", help="train the base recommender from an event log")
+    p.add_argument("--events", type=Path, required=True, help="event log (JSONL, CSV, MovieLens formats, .gz)")
+    p.add_argument("--format", default="auto", help="jsonl, csv, movielens, ml-latest, recbole or auto")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--entity", choices=["user", "item"], default="user", help="which side gets adapters")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--lora-rank", type=int, default=0, help="per-entity low-rank delta on the head (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("run", help="run the service: consume, adapt, publish")
+    p.add_argument("--model", type=Path, required=True, help="model directory written by `pretrain`")
+    p.add_argument("--model-plugin", help="use your own model: package.module:factory (gets --model)")
+    p.add_argument("--source", required=True, help="file:PATH (an event log)")
+    p.add_argument("--format", default="auto", help="format of a file source")
+    p.add_argument("--sink", required=True, help="dir:OUT (updates, adaptation log, dead letters)")
+    p.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
+    p.add_argument("--no-drain", action="store_true", help="leave open windows pending at the end of a file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="synthetic data -> pretrain -> run -> summary, in one command")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (default demo-out)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("schemas", help="JSON Schemas of the wire formats")
+    sp = p.add_subparsers(dest="schemas_command", required=True, metavar="ACTION")
+    e = sp.add_parser("export", help="write the JSON Schema files")
+    e.add_argument("directory", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"stream-adapt: {exc}", file=sys.stderr)
+        return 2
+    except StreamAdaptError as exc:
+        print(f"stream-adapt: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stream-adapt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from stream_adapt import commands
+
+    if args.command == "schemas":
+        for path in commands.export_schemas(args.directory):
+            print(path)
+        return 0
+    handler = {
+        "synth": commands.synth,
+        "pretrain": commands.pretrain,
+        "run": commands.run,
+        "demo": commands.demo,
+    }[args.command]
+    return handler(args)

@@ -1,0 +1,165 @@
+"""What each `stream-adapt` subcommand does, once `cli.py` has parsed it.
+
+Heavy imports (torch) happen here, not in `cli.py`, so `stream-adapt --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from stream_adapt.config import Settings, load_settings
+from stream_adapt.errors import ConfigError
+from stream_adapt.events import export_schemas as _export_schemas
+from stream_adapt.learning.models import AdaptableModel, load_model, load_plugin
+
+__all__ = ["demo", "export_schemas", "pretrain", "run", "synth"]
+
+
+def export_schemas(directory: Path) -> list[Path]:
+    return _export_schemas(directory)
+
+
+def synth(args: argparse.Namespace) -> int:
+    from stream_adapt.synth import DEFAULT_CONFIG, generate
+
+    cfg = DEFAULT_CONFIG
+    changes = {k: v for k, v in (("n_users", args.users), ("n_items", args.items)) if v is not None}
+    if changes:
+        cfg = dataclasses.replace(cfg, **changes)
+    summary = generate(args.out, cfg, seed=args.seed)
+    print(summary.to_json())
+    print(f"wrote {args.out}/history.jsonl and {args.out}/live.jsonl", file=sys.stderr)
+    return 0
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from stream_adapt.datasets import load_events
+    from stream_adapt.learning.models import save_model
+    from stream_adapt.learning.pretrain import PretrainConfig
+    from stream_adapt.learning.pretrain import pretrain as fit
+
+    events, bad = load_events(args.events, args.format)
+    print(f"read {len(events)} events from {args.events} ({len(bad)} invalid lines skipped)", file=sys.stderr)
+    if bad:
+        reasons: dict[str, int] = {}
+        for b in bad:
+            reasons[b.reason] = reasons.get(b.reason, 0) + 1
+        print(f"  invalid by reason: {reasons}; first: line {bad[0].position[2] + 1}: {bad[0].detail}", file=sys.stderr)
+    cfg = PretrainConfig(
+        dim=args.dim,
+        hidden=args.hidden,
+        lora_rank=args.lora_rank,
+        entity=args.entity,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
+    try:
+        model, report = fit(events, cfg, progress=lambda line: print("  " + line, file=sys.stderr))
+    except ValueError as exc:
+        raise ConfigError(f"cannot pretrain on {args.events}: {exc}") from exc
+    fingerprint = save_model(model, args.out)
+    print(
+        f"pretrained on {report.n_train} events ({report.n_users} users, {report.n_items} items) in "
+        f"{report.seconds:.1f}s; best epoch {report.best_epoch}\n"
+        f"  train RMSE {report.train_rmse:.4f}   validation RMSE {report.val_rmse:.4f}  MAE {report.val_mae:.4f} "
+        f"(newest {report.n_val} events)\n"
+        f"  wrote {args.out} ({fingerprint[:23]}...)"
+    )
+    return 0
+
+
+def load_any_model(model_dir: Path, plugin: str | None, settings: Settings) -> AdaptableModel:
+    if plugin:
+        return load_plugin(plugin, model_dir)
+    return load_model(model_dir, entity=settings.pipeline.window.entity)
+
+
+def _install_stop_handlers(stop: object) -> None:
+    """SIGTERM/SIGINT finish the current batch, flush, commit and exit (a second SIGINT aborts)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        print(f"\nstream-adapt: {signal.Signals(signum).name}: finishing the batch, flushing", file=sys.stderr)
+        stop()  # type: ignore[operator]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream_adapt import runtime
+    from stream_adapt.cli import overrides_from_args
+    from stream_adapt.io.directory import DirSink
+    from stream_adapt.io.files import FileSource
+    from stream_adapt.learning.pipeline import Pipeline
+    from stream_adapt.learning.stats import format_summary
+    from stream_adapt.progress import ProgressPrinter
+    from stream_adapt.runner import Runner, RunOptions
+
+    settings = load_settings(args.config, overrides_from_args(args))
+    kind, _, target = args.source.partition(":")
+    if kind != "file" or not target:
+        raise ConfigError(f"--source must be file:PATH, got {args.source!r}")
+    skind, _, sink_target = args.sink.partition(":")
+    if skind != "dir" or not sink_target:
+        raise ConfigError(f"--sink must be dir:OUT, got {args.sink!r}")
+    model = load_any_model(args.model, args.model_plugin, settings)
+    runtime.tune(settings.pipeline.adapt.threads)
+    source = FileSource(Path(target), args.format)
+    sink = DirSink(Path(sink_target))
+    pipeline = Pipeline(model, settings.pipeline)
+    options = RunOptions(
+        batch_size=settings.batch_size, poll_timeout_s=settings.poll_timeout_s, drain_at_end=not args.no_drain
+    )
+    runner = Runner(source, pipeline, sink, options)
+    if not args.quiet:
+        runner.observers.append(ProgressPrinter(runner.stats))
+    _install_stop_handlers(runner.stop)
+    try:
+        stats = runner.run()
+    finally:
+        source.close()
+        sink.close()
+    summary = stats.summary(len(pipeline.windows), pipeline.windows.open_events)
+    summary["base_fingerprint"] = model.fingerprint
+    print(format_summary(summary))
+    print(f"outputs in {sink_target}/ (updates.jsonl, adaptation_log.jsonl, dead_letters.jsonl)")
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """The offline demo: synthetic world -> pretrain on its history -> stream its live part."""
+    from stream_adapt.cli import build_parser
+
+    out: Path = args.out
+    t0 = time.perf_counter()
+    data, model_dir, results = out / "data", out / "model", out / "results"
+    print(f"[1/3] synthetic feedback with cold users and drift -> {data}/")
+    synth(argparse.Namespace(out=data, seed=args.seed, users=None, items=None))
+    print(f"[2/3] pretraining the base recommender on {data}/history.jsonl -> {model_dir}/")
+    pretrain(
+        argparse.Namespace(
+            events=data / "history.jsonl", format="jsonl", out=model_dir, entity="user", epochs=12, dim=32,
+            hidden=64, lora_rank=0, seed=args.seed,
+        )
+    )  # fmt: skip
+    print(f"[3/3] streaming {data}/live.jsonl through the service (file source, directory sink)")
+    run_args = build_parser().parse_args(
+        [
+            "run", "--model", str(model_dir), "--source", f"file:{data}/live.jsonl", "--sink", f"dir:{results}",
+            "--summary-json", str(out / "summary.json"),
+        ]
+    )  # fmt: skip
+    code = run(run_args)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; summary JSON in {out}/summary.json")
+    return code

@@ -1,0 +1,88 @@
+"""The one loop: source -> pipeline -> sink -> commit, with observers (metrics, progress) on the side.
+
+A batch's offsets are committed only after the sink confirms that everything derived from it (updates,
+adaptation log, dead letters) is delivered, and never past an event still held in an open window
+(`Pipeline.safe_offsets`). So a crash at any point re-reads, and never loses, feedback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from stream_adapt.events import DecodeError
+from stream_adapt.io.ports import Record, Sink, Source, TopicPartition
+from stream_adapt.learning.pipeline import BatchResult, Pipeline
+from stream_adapt.learning.stats import RunStats
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[BatchResult], None]
+
+
+@dataclass
+class RunOptions:
+    batch_size: int = 2000
+    poll_timeout_s: float = 0.5
+    flush_timeout_s: float = 30.0
+    drain_at_end: bool = True  # for finite sources: adapt what the open windows hold at the end
+    max_seconds: float | None = None
+    max_records: int | None = None
+
+
+@dataclass
+class Runner:
+    source: Source
+    pipeline: Pipeline
+    sink: Sink
+    options: RunOptions = field(default_factory=RunOptions)
+    observers: list[Observer] = field(default_factory=list)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    stats: RunStats = field(default_factory=RunStats)
+
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch, flush, commit and return."""
+        self.stop_event.set()
+
+    def run(self) -> RunStats:
+        opts = self.options
+        deadline = time.monotonic() + opts.max_seconds if opts.max_seconds else None
+        pending: dict[TopicPartition, int] = {}
+        while not self.stop_event.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if opts.max_records is not None and self.stats.records >= opts.max_records:
+                break
+            items = self.source.poll_batch(opts.batch_size, opts.poll_timeout_s)
+            if not items:
+                if self.source.exhausted:
+                    if opts.drain_at_end:
+                        self._handle(self.pipeline.drain(), pending)
+                    break
+                continue
+            for item in items:
+                _note_offset(pending, item)
+            self._handle(self.pipeline.process(items), pending)
+        self.sink.flush(opts.flush_timeout_s)
+        return self.stats
+
+    def _handle(self, result: BatchResult, pending: dict[TopicPartition, int]) -> None:
+        self.sink.publish(result)
+        self.stats.add(result)
+        for observe in self.observers:
+            observe(result)
+        if self.sink.flush(self.options.flush_timeout_s):
+            self.source.commit(self.pipeline.safe_offsets(pending))
+        else:
+            log.warning("sink did not confirm delivery within %.0fs; not committing", self.options.flush_timeout_s)
+
+
+def _note_offset(pending: dict[TopicPartition, int], item: Record | DecodeError) -> None:
+    topic, partition, offset = item.position
+    tp = (topic, partition)
+    if offset + 1 > pending.get(tp, -1):
+        pending[tp] = offset + 1
+
