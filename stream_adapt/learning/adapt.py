@@ -36,6 +36,7 @@ class WindowBatch:
     query_idx: Tensor  # [B, Q]
     query_y: Tensor
     query_mask: Tensor
+    shared: Adapter  # the shared (global) adapter in force, the same for every window
 
     def __len__(self) -> int:
         return int(self.support_idx.shape[0])
@@ -54,6 +55,7 @@ def pad_batch(
     start: Adapter,
     support: list[tuple[list[int], list[float]]],
     query: list[tuple[list[int], list[float]]],
+    shared: Adapter,
 ) -> WindowBatch:
     """Build a `WindowBatch` from per-window (counterpart indices, targets) lists of varying length."""
 
@@ -66,7 +68,7 @@ def pad_batch(
 
     s_idx, s_y, s_m = pad(support)
     q_idx, q_y, q_m = pad(query)
-    return WindowBatch(start, s_idx, s_y, s_m, q_idx, q_y, q_m)
+    return WindowBatch(start, s_idx, s_y, s_m, q_idx, q_y, q_m, shared)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -75,7 +77,7 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def _window_losses(model: AdaptableModel, theta: Adapter, start: Adapter, batch: WindowBatch, l2: float) -> Tensor:
-    pred = model.predict(theta, batch.support_idx)
+    pred = model.predict(theta, batch.support_idx, batch.shared)
     losses = masked_mean((pred - batch.support_y) ** 2, batch.support_mask)
     if l2:
         for name, value in theta.items():
@@ -86,7 +88,7 @@ def _window_losses(model: AdaptableModel, theta: Adapter, start: Adapter, batch:
 def query_errors(model: AdaptableModel, adapter: Adapter, batch: WindowBatch) -> tuple[Tensor, Tensor]:
     """Query MSE and MAE per window: ([B], [B])."""
     with torch.no_grad():
-        err = model.predict(adapter, batch.query_idx) - batch.query_y
+        err = model.predict(adapter, batch.query_idx, batch.shared) - batch.query_y
         return masked_mean(err**2, batch.query_mask), masked_mean(err.abs(), batch.query_mask)
 
 
@@ -125,7 +127,7 @@ def adapt_loop(model: AdaptableModel, batch: WindowBatch, cfg: AdaptConfig) -> A
         n_s = int(batch.support_mask[b].sum())
         s_idx, s_y = batch.support_idx[b : b + 1, :n_s], batch.support_y[b : b + 1, :n_s]
         start = {k: v[b : b + 1].detach() for k, v in batch.start.items()}
-        params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+        params: Adapter = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
         opt: torch.optim.Optimizer
         if cfg.optimizer == "sgd":
             opt = torch.optim.SGD(list(params.values()), lr=cfg.lr)
@@ -133,7 +135,7 @@ def adapt_loop(model: AdaptableModel, batch: WindowBatch, cfg: AdaptConfig) -> A
             opt = torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=(BETA1, BETA2), eps=EPS)
         for _ in range(cfg.steps):
             opt.zero_grad()
-            loss = ((model.predict(params, s_idx) - s_y) ** 2).mean()
+            loss = ((model.predict(params, s_idx, batch.shared) - s_y) ** 2).mean()
             for name, p in params.items():
                 loss = loss + cfg.l2 * (p - start[name]).pow(2).sum()
             loss.backward()

@@ -65,13 +65,11 @@ class AdaptableModel(Protocol):
         ...
 
     def global_adapter(self) -> Adapter:
-        """The shared adapter currently in force."""
+        """A fresh copy of the base model's shared adapter (the pipeline owns and re-adapts its copy)."""
         ...
 
-    def set_global_adapter(self, adapter: Adapter) -> None: ...
-
-    def predict(self, adapter: Adapter, counterpart_idx: Tensor, shared: Adapter | None = None) -> Tensor:
-        """Scores [B, K] for adapters [B, ...] and counterpart indices [B, K]."""
+    def predict(self, adapter: Adapter, counterpart_idx: Tensor, shared: Adapter) -> Tensor:
+        """Scores [B, K] for adapters [B, ...], counterpart indices [B, K] and the shared adapter."""
         ...
 
 
@@ -119,7 +117,6 @@ class NeuralRecommender(nn.Module):
         self.user_ids = {u: i + 1 for i, u in enumerate(users)}
         self.item_ids = {it: i + 1 for i, it in enumerate(items)}
         self.fingerprint = ""
-        self._shared: Adapter | None = None
 
     # ---- tables by role -------------------------------------------------------------------------
     def _entity_tables(self) -> tuple[nn.Embedding, nn.Embedding]:
@@ -159,18 +156,12 @@ class NeuralRecommender(nn.Module):
         return out
 
     def global_adapter(self) -> Adapter:
-        if self._shared is None:
-            self._shared = {
-                "global_bias": self.global_bias.detach().clone(),
-                "counterpart_bias": self._counterpart_tables()[1].weight.detach()[:, 0].clone(),
-            }
-        return self._shared
+        return {
+            "global_bias": self.global_bias.detach().clone(),
+            "counterpart_bias": self._counterpart_tables()[1].weight.detach()[:, 0].clone(),
+        }
 
-    def set_global_adapter(self, adapter: Adapter) -> None:
-        self._shared = {k: v.detach().clone() for k, v in adapter.items()}
-
-    def predict(self, adapter: Adapter, counterpart_idx: Tensor, shared: Adapter | None = None) -> Tensor:
-        shared = shared if shared is not None else self.global_adapter()
+    def predict(self, adapter: Adapter, counterpart_idx: Tensor, shared: Adapter) -> Tensor:
         e = adapter["emb"]  # [B, d]
         c = self._counterpart_tables()[0].weight[counterpart_idx]  # [B, K, d]
         e_k = e.unsqueeze(1).expand_as(c)
@@ -179,7 +170,8 @@ class NeuralRecommender(nn.Module):
         hidden = self.head1(x)
         if "lora_b" in adapter:
             # delta W = lora_b @ lora_a, per entity: [B, h, r] @ [r, 3d]
-            hidden = hidden + torch.einsum("bkr,bhr->bkh", x @ self.lora_a.T, adapter["lora_b"])
+            lora_a: Tensor = self.lora_a  # type: ignore[assignment]  # a registered buffer
+            hidden = hidden + torch.einsum("bkr,bhr->bkh", x @ lora_a.T, adapter["lora_b"])
         out = self.head2(torch.relu(hidden)).squeeze(-1)  # [B, K]
         dot = (e_k * c).sum(-1)
         return shared["global_bias"] + adapter["bias"] + shared["counterpart_bias"][counterpart_idx] + dot + out

@@ -29,7 +29,6 @@ from stream_adapt.events import (
     FeedbackEvent,
     ModelUpdate,
     Position,
-    SourcePosition,
     decode,
     finite_or_none,
 )
@@ -93,6 +92,7 @@ class Pipeline:
         self.windows = WindowStore(config.window)
         self.drift = DriftMonitor(config.drift, config.window.max_entities, config.seed)
         self.global_version = 0
+        self.shared = model.global_adapter()  # the shared adapter in force; global drift re-adapts it
         self._by_user = config.window.entity == "user"
         self._learn = frozenset(config.events.learn_types)
         self._seen: OrderedDict[str, Position] = OrderedDict()
@@ -189,8 +189,9 @@ class Pipeline:
         cp_idx = model.counterpart_index(counterparts)
         with torch.no_grad():
             cols = cp_idx.unsqueeze(1)
-            preds = model.predict(self.table.gather(model, entities, entity_idx), cols).squeeze(1).tolist()
-            base = model.predict(model.initial_adapter(entity_idx), cols).squeeze(1).tolist()
+            current = self.table.gather(model, entities, entity_idx)
+            preds = model.predict(current, cols, self.shared).squeeze(1).tolist()
+            base = model.predict(model.initial_adapter(entity_idx), cols, self.shared).squeeze(1).tolist()
         cps = cp_idx.tolist()
 
         windows, drift, reservoir, drifted = self.windows, self.drift, self._reservoir, self._drifted
@@ -243,10 +244,21 @@ class Pipeline:
             if len(window.shots) >= min_shots:
                 ready.append((window, trigger))
             else:
-                res.log.append(self._record(window, trigger, "expired", "too_few_shots", None, None, None))
+                res.log.append(self._record(window, trigger, "expired", "too_few_shots", 0, None, None))
+        # An entity with several closed windows in one batch (a hot entity) is adapted in rounds, so
+        # each of its versions starts from the previous one; a round holds one window per entity.
+        rounds: list[list[tuple[Window, str]]] = []
+        depth: dict[str, int] = {}
+        for item in ready:
+            r = depth.get(item[0].entity, 0)
+            depth[item[0].entity] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(item)
         step = self.cfg.adapt.max_batch
-        for i in range(0, len(ready), step):
-            self._adapt(ready[i : i + step], res)
+        for group in rounds:
+            for i in range(0, len(group), step):
+                self._adapt(group[i : i + step], res)
 
     def _adapt(self, ready: list[tuple[Window, str]], res: BatchResult) -> None:
         t0 = time.perf_counter()
@@ -259,40 +271,41 @@ class Pipeline:
             init = model.initial_adapter(entity_idx)
             reset = torch.tensor([t == "drift" for _, t in ready])
             start = {k: torch.where(reset.view(-1, *[1] * (v.dim() - 1)), init[k], v) for k, v in current.items()}
-        support, query = [], []
-        for window, _ in ready:
-            s, q = window.split(cfg.window)
-            support.append(([x.counterpart for x in s], [x.value for x in s]))
-            query.append(([x.counterpart for x in q], [x.value for x in q]))
-        batch = pad_batch(start, support, query)
+        splits = [w.split(cfg.window) for w, _ in ready]
+        support = [([x.counterpart for x in s], [x.value for x in s]) for s, _ in splits]
+        query = [([x.counterpart for x in q], [x.value for x in q]) for _, q in splits]
+        batch = pad_batch(start, support, query, self.shared)
         result = adapt_batched(model, batch, cfg.adapt)
         if start is not current:  # the gate compares against what serving has now, not the reset start
             result.loss_before, result.mae_before = query_errors(model, current, batch)
         reasons = gate(current, result, cfg.gate)
         loss_b, loss_a = result.loss_before.tolist(), result.loss_after.tolist()
-        mae_after = result.mae_after.tolist()
-        mae_before = result.mae_before.tolist()
+        mae_after, mae_before = result.mae_after.tolist(), result.mae_before.tolist()
+        accepted_rows: list[int] = []
         for b, (window, trigger) in enumerate(ready):
             reason = reasons[b]
-            last_ts = window.shots[-1].timestamp
-            state = table.mark_consumed(window.entity, [s.position for s in window.shots])
+            shots = window.shots
+            last_ts = shots[-1].timestamp
+            state = table.mark_consumed(window.entity, [s.position for s in shots])
             if reason == "accepted" and last_ts - state.last_accepted_at < cfg.gate.min_interval_s:
                 reason = "rate_limited"
-            _, q = window.split(cfg.window)
+            q = splits[b][1]
             res.query_n += len(q)
             res.query_abs_before += sum(abs(s.prediction - s.value) for s in q)
             res.query_abs_after += len(q) * (mae_after[b] if reason == "accepted" else mae_before[b])
             if reason == "accepted":
-                row = {k: v[b] for k, v in result.adapter.items()}
-                parent = state.version or None
                 version = state.version + 1
-                table.put(window.entity, row, version, last_ts)
-                record = self._record(window, trigger, "accepted", "improved", version, loss_b[b], loss_a[b], parent)
-                res.updates.append(_published(record, row))
+                record = self._record(window, trigger, "accepted", "improved", len(q), loss_b[b], loss_a[b], version)
+                state.version, state.last_accepted_at = version, last_ts
+                accepted_rows.append(b)
+                res.updates.append(_published(record, {k: v[b] for k, v in result.adapter.items()}))
             else:
-                record = self._record(window, trigger, "rolled_back", reason, None, loss_b[b], loss_a[b])
+                record = self._record(window, trigger, "rolled_back", reason, len(q), loss_b[b], loss_a[b])
             res.log.append(record)
             self._drifted.discard(window.entity)
+        if accepted_rows:
+            rows = torch.tensor(accepted_rows, dtype=torch.long)
+            table.put_many([entities[b] for b in accepted_rows], {k: v[rows] for k, v in result.adapter.items()})
         res.adapt_batch_sizes.append(len(ready))
         res.adapt_seconds += time.perf_counter() - t0
 
@@ -310,7 +323,7 @@ class Pipeline:
         y = torch.tensor(ys).unsqueeze(1)
         n_q = max(1, len(ys) // 5)
         sup, qry = slice(0, len(ys) - n_q), slice(len(ys) - n_q, len(ys))
-        current = model.global_adapter()
+        current = self.shared
         params = {k: v.clone().requires_grad_(True) for k, v in current.items()}
         opt = torch.optim.Adam(list(params.values()), lr=dcfg.global_lr)
         sup_adapter = {k: v[sup] for k, v in adapters.items()}
@@ -328,7 +341,7 @@ class Pipeline:
         accepted = finite and after < before * (1.0 - self.cfg.gate.min_improvement)
         parent = self.global_version or None
         version = self.global_version + 1 if accepted else None
-        record = AdaptationRecord.model_construct(
+        record = AdaptationRecord(
             entity=GLOBAL_ENTITY,
             entity_kind="global",
             outcome="accepted" if accepted else "rolled_back",
@@ -348,7 +361,7 @@ class Pipeline:
         )
         res.log.append(record)
         if accepted and version is not None:
-            model.set_global_adapter(new)
+            self.shared = new
             self.global_version = version
             res.updates.append(_published(record, new))
         res.adapt_seconds += time.perf_counter() - t0
@@ -359,25 +372,24 @@ class Pipeline:
         trigger: str,
         outcome: str,
         reason: str,
-        version: int | None,
+        n_query: int,
         loss_before: float | None,
         loss_after: float | None,
-        parent: int | None = None,
+        version: int | None = None,
     ) -> AdaptationRecord:
+        """The log record of a closed window. `version` is the new version when accepted."""
         shots = window.shots
-        n_query = len(window.split(self.cfg.window)[1]) if outcome != "expired" else 0
-        # model_construct: the fields are built here from trusted values; validating ~10 models per window
-        # would cost more than adapting it.
-        return AdaptationRecord.model_construct(
+        current = self.table.version(window.entity) or None
+        return AdaptationRecord(
             entity=window.entity,
             entity_kind=self.cfg.window.entity,
-            outcome=outcome,  # type: ignore[arg-type]
+            outcome=outcome,
             reason=reason,
-            trigger=trigger,  # type: ignore[arg-type]
+            trigger=trigger,
             version=version,
-            parent_version=parent if version is not None else (self.table.version(window.entity) or None),
+            parent_version=current,
             base_fingerprint=self.model.fingerprint,
-            positions=[SourcePosition(topic=t, partition=p, offset=o) for t, p, o in _positions(shots)],
+            positions=[{"topic": t, "partition": p, "offset": o} for t, p, o in (s.position for s in shots)],
             n_support=len(shots) - n_query,
             n_query=n_query,
             loss_before=finite_or_none(loss_before),
@@ -388,16 +400,12 @@ class Pipeline:
         )
 
 
-def _positions(shots: list[Shot]) -> list[Position]:
-    return [s.position for s in shots]
-
-
 _UPDATE_FIELDS = tuple(k for k in ModelUpdate.model_fields if k not in ("schema_version", "tensors"))
 
 
 def _published(record: AdaptationRecord, tensors: Adapter) -> PublishedUpdate:
     """The model-topic message for an accepted record: its metadata plus the adapter tensors."""
-    update = ModelUpdate.model_construct(
+    update = ModelUpdate(
         schema_version=1,
         tensors={k: list(v.shape) for k, v in tensors.items()},
         **{k: getattr(record, k) for k in _UPDATE_FIELDS},

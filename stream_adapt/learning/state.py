@@ -94,6 +94,20 @@ class AdapterTable:
         if event_time is not None:
             st.last_accepted_at = event_time
 
+    def put_many(self, entities: list[str], adapters: Adapter) -> None:
+        """Store the adapters [N, ...] of N distinct entities whose versions the caller already set."""
+        rows = []
+        for entity in entities:
+            st = self.entities.get(entity)
+            if st is None:
+                st = self.entities[entity] = EntityState()
+            if st.row < 0:
+                st.row = self._allocate()
+            rows.append(st.row)
+        index = torch.tensor(rows, dtype=torch.long)
+        for name, data in self._data.items():
+            data.index_copy_(0, index, adapters[name].to(data.dtype))
+
     def get(self, entity: str) -> Adapter | None:
         """The stored adapter of one entity (a copy), or None."""
         st = self.entities.get(entity)
