@@ -5,6 +5,8 @@
 - river:    reco.BiasedMF predict_one + learn_one per event, on events already parsed into tuples (its
             most favourable case: no JSON, no validation). It is what a user would otherwise pick for
             online recommendation.
+- river_parse: the same, reading the same file and parsing each line with json.loads first (what a
+            River service reading this log would do; still no validation).
 Contenders run interleaved, `--repeats` rounds, medians reported. Prints JSON with
 pipeline_events_per_s, decode_events_per_s, river_events_per_s and their ratios.
 
@@ -79,8 +81,8 @@ def main() -> None:
                     n += 1
         return n
 
-    def river() -> int:
-        model = reco.BiasedMF(
+    def biased_mf() -> reco.BiasedMF:
+        return reco.BiasedMF(
             n_factors=10,
             bias_optimizer=optim.SGD(0.025),
             latent_optimizer=optim.SGD(0.05),
@@ -89,13 +91,32 @@ def main() -> None:
             l2_bias=0.0,
             l2_latent=0.0,
         )
+
+    def river() -> int:
+        model = biased_mf()
         for u, i, y in river_events:
             model.predict_one(u, i)
             model.learn_one(u, i, y)
         return len(river_events)
 
-    rates = interleaved({"pipeline": pipeline, "decode": decode_only, "river": river}, args.repeats)
+    def river_parse() -> int:
+        model, n = biased_mf(), 0
+        with live.open("rb") as f:
+            for line in f:
+                n += 1
+                try:
+                    e = json.loads(line)
+                    u, i, y = str(e["user_id"]), str(e["item_id"]), float(e["value"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                model.predict_one(u, i)
+                model.learn_one(u, i, y)
+        return n
+
+    contenders = {"pipeline": pipeline, "decode": decode_only, "river": river, "river_parse": river_parse}
+    rates = interleaved(contenders, args.repeats)
     pipe, dec, riv = median(rates["pipeline"]), median(rates["decode"]), median(rates["river"])
+    riv_parse = median(rates["river_parse"])
     last = pipeline.last  # type: ignore[attr-defined]
     emit(
         {
@@ -106,7 +127,9 @@ def main() -> None:
             "pipeline_events_per_s": round(pipe),
             "decode_events_per_s": round(dec),
             "river_events_per_s": round(riv),
+            "river_parse_events_per_s": round(riv_parse),
             "pipeline_vs_river": round(pipe / riv, 2),
+            "pipeline_vs_river_parse": round(pipe / riv_parse, 2),
             "pipeline_vs_decode": round(pipe / dec, 3),
             "pipeline_run": {
                 "adaptations_accepted": last["adaptations"]["accepted"],

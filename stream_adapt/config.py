@@ -43,7 +43,13 @@ class WindowConfig(_Frozen):
     """Per-entity few-shot windows."""
 
     entity: Literal["user", "item"] = "user"
-    shots: int = Field(8, ge=2, le=1024, description="K: events per window (support + query).")
+    shots: int = Field(8, ge=2, le=1024, description="K: events that make a window ready (support + query).")
+    max_shots: int = Field(
+        32,
+        ge=2,
+        le=4096,
+        description="A ready window keeps taking its entity's events until the end of the batch, up to this.",
+    )
     query_shots: int = Field(2, ge=1, description="The last Q events of a window are its query shots.")
     min_shots: int = Field(4, ge=2, description="A window older than max_age is adapted if it has this many.")
     max_age_s: float = Field(
@@ -59,6 +65,8 @@ class WindowConfig(_Frozen):
             raise ValueError("query_shots must be smaller than shots")
         if self.min_shots > self.shots:
             raise ValueError("min_shots must not exceed shots")
+        if self.max_shots < self.shots:
+            raise ValueError("max_shots must be at least shots")
         if self.min_shots <= self.query_shots:
             raise ValueError("min_shots must exceed query_shots (a window needs support shots)")
         return self

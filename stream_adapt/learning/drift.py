@@ -5,6 +5,10 @@ Each event's absolute error, measured *before* the event joins a window, is the 
 detector only counts after `entity_warmup` events (a handful of errors says nothing), and the number
 of entities tracked is bounded by an LRU so memory stays flat. KSWIN runs a KS test on every update
 (~230 us): fine for the global detector, too slow per entity at high rates; ADWIN is ~0.2 us.
+
+ADWIN flags any change of the mean, and the error falling (adaptation working) is not drift: a
+detection counts only when ADWIN's estimate of the mean error went up. PageHinkley runs with
+mode="up". KSWIN compares distributions and stays two-sided.
 """
 
 from __future__ import annotations
@@ -57,8 +61,7 @@ class DriftMonitor:
         """Feed one error; returns (entity drift detected, global drift detected)."""
         global_drift = False
         if self.global_detector is not None:
-            self.global_detector.update(error)
-            global_drift = self.global_detector.drift_detected
+            global_drift = _update(self.global_detector, error)
         if not self.per_entity:
             return False, global_drift
         state = self._entities.get(entity)
@@ -71,9 +74,17 @@ class DriftMonitor:
         else:
             self._entities.move_to_end(entity)
         state.seen += 1
-        state.detector.update(error)
-        return state.seen > self.cfg.entity_warmup and state.detector.drift_detected, global_drift
+        return _update(state.detector, error) and state.seen > self.cfg.entity_warmup, global_drift
 
     def reset_entity(self, entity: str) -> None:
         """Start an entity's detector afresh (after it re-adapted to the new regime)."""
         self._entities.pop(entity, None)
+
+
+def _update(detector: Any, error: float) -> bool:
+    """Feed one error; True only for a detected *increase* of the error where the detector can tell."""
+    before = getattr(detector, "estimation", None)
+    detector.update(error)
+    if not detector.drift_detected:
+        return False
+    return before is None or detector.estimation >= before

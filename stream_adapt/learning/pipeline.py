@@ -197,6 +197,7 @@ class Pipeline:
         windows, drift, reservoir, drifted = self.windows, self.drift, self._reservoir, self._drifted
         min_shots = cfg.window.min_shots
         closing: list[tuple[Window, str]] = []
+        ready: dict[str, None] = {}  # an ordered set: results must not depend on hash seeds
         abs_err = sq_err = b_abs = b_sq = 0.0
         stream_time = self.stream_time if self.stream_time is not None else float("-inf")
         for i, ev in enumerate(events):
@@ -220,13 +221,21 @@ class Pipeline:
                 res.entity_drifts += 1
                 drifted.add(entity)
             if full is not None:
+                ready.pop(entity, None)
                 res.windows_filled += 1
                 closing.append((full, "drift" if entity in drifted else "window_full"))
+            elif windows.ready(entity):
+                ready[entity] = None
             elif entity in drifted:
                 open_w = windows.get(entity)
                 if open_w is not None and len(open_w.shots) >= min_shots:
                     windows.take(entity)
                     closing.append((open_w, "drift"))
+        for entity in ready:  # full windows close at the end of the batch, with all their fresh shots
+            full = windows.take(entity)
+            if full is not None:
+                res.windows_filled += 1
+                closing.append((full, "drift" if entity in drifted else "window_full"))
         self._since_global += len(events)
         self.stream_time = stream_time
         res.learned += len(events)
@@ -245,8 +254,8 @@ class Pipeline:
                 ready.append((window, trigger))
             else:
                 res.log.append(self._record(window, trigger, "expired", "too_few_shots", 0, None, None))
-        # An entity with several closed windows in one batch (a hot entity) is adapted in rounds, so
-        # each of its versions starts from the previous one; a round holds one window per entity.
+        # An entity with several closed windows in one batch (one that overflowed max_shots) is adapted
+        # in rounds, so each of its versions starts from the previous one; a round has one window per entity.
         rounds: list[list[tuple[Window, str]]] = []
         depth: dict[str, int] = {}
         for item in ready:
