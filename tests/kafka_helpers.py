@@ -1,0 +1,98 @@
+"""Small helpers for tests that talk to a real broker (import as `from kafka_helpers import ...`).
+
+Everything waits by polling a condition against a deadline, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka.admin import AdminClient
+
+log = logging.getLogger(__name__)
+
+
+def unique_name(prefix: str) -> str:
+    """A topic or group name no other test (or earlier run against the same cluster) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def consumer_config(bootstrap: str, group: str, **kw: Any) -> dict[str, Any]:
+    """Consumer settings for tests: fast group joins, read from the start, commits only by hand.
+
+    session.timeout.ms=6000 matters on Tansu, whose first assignment takes about half the session
+    timeout (23 s at the 45 s default). Pass dotted keys as `**{"max.poll.interval.ms": 10000}`.
+    """
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        **kw,
+    }
+
+
+def producer_config(bootstrap: str, **kw: Any) -> dict[str, Any]:
+    """Producer settings for tests: durable and ordered (idempotent), small linger."""
+    return {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5, **kw}
+
+
+def produce_all(
+    bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]], timeout_s: float = 15.0
+) -> None:
+    """Produce `(key, value)` records and fail the test unless every one is acknowledged."""
+    errors: list[KafkaError] = []
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            errors.append(err)
+
+    producer = Producer(producer_config(bootstrap))
+    for key, value in records:
+        producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+        producer.poll(0)
+    left = producer.flush(timeout_s)
+    assert left == 0, f"{left} records not delivered within {timeout_s}s"
+    assert not errors, f"delivery failed: {errors[:3]}"
+
+
+def consume_n(consumer: Consumer, n: int, timeout_s: float = 20.0) -> list[Message]:
+    """Poll until `n` records arrived (fails the test at the deadline, saying how many came)."""
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"got {len(got)} of {n} records within {timeout_s}s")
+        for msg in consumer.consume(num_messages=n - len(got), timeout=0.2):
+            err = msg.error()
+            if err is None:
+                got.append(msg)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                raise AssertionError(f"consumer error: {err}")
+    return got
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, step: Callable[[], Any]) -> None:
+    """Call `step` (e.g. `lambda: consumer.poll(0.1)`) until `condition()` holds; fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        step()
+
+
+def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 5.0) -> None:
+    """Keep a shared cluster clean; a failure here must not fail a test that already passed."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for name, future in admin.delete_topics(names, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s + 1)
+        except Exception as exc:
+            log.warning("could not delete test topic %s: %s", name, exc)
