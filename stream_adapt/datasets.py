@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from stream_adapt.errors import StreamAdaptError
-from stream_adapt.events import DecodeError, FeedbackEvent, Position, decode
-from stream_adapt.io.ports import Record
+from stream_adapt.events import DecodeError, FeedbackEvent, Position, Record, decode
 
 #: The concrete formats `iter_records` reads; `fmt` also accepts `"auto"`.
 FORMATS: Final = ("jsonl", "csv", "movielens", "ml-latest", "recbole")

@@ -183,6 +183,16 @@ GLOBAL_ENTITY = "__global__"
 
 
 @dataclass(frozen=True, slots=True)
+class Record:
+    """One raw record as read from a source (a topic or a file)."""
+
+    value: bytes
+    position: Position
+    key: bytes | None = None
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeError:
     """A record that could not become a `FeedbackEvent`: kept whole, with why and where."""
 
@@ -190,6 +200,8 @@ class DecodeError:
     reason: str
     detail: str
     position: Position
+    key: bytes | None = None  # the record's key and timestamp, when it came from a topic
+    timestamp_ms: int | None = None
 
 
 #: The bounded set of reasons a record can be dead-lettered for (they label metrics).

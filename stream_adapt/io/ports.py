@@ -8,26 +8,17 @@ whether everything handed to it is durably delivered before the runner commits p
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from stream_adapt.events import DecodeError, Position
+from stream_adapt.events import DecodeError, Record
+
+__all__ = ["Record", "Sink", "Source", "TopicPartition"]
 
 if TYPE_CHECKING:
     from stream_adapt.learning.pipeline import BatchResult
 
 #: A topic partition: (topic, partition).
 TopicPartition = tuple[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One raw record as read from a source."""
-
-    value: bytes
-    position: Position
-    key: bytes | None = None
-    timestamp_ms: int | None = None
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,6 +29,7 @@ from stream_adapt.events import (
     FeedbackEvent,
     ModelUpdate,
     Position,
+    Record,
     decode,
     finite_or_none,
 )
@@ -104,7 +105,7 @@ class Pipeline:
         torch.manual_seed(config.seed)
 
     # ---- public ---------------------------------------------------------------------------------
-    def process(self, items: Sequence[object], now: float | None = None) -> BatchResult:
+    def process(self, items: Sequence[Record | DecodeError], now: float | None = None) -> BatchResult:
         """Run one batch of `Record`s (or `DecodeError`s from a file reader) through every stage."""
         res = BatchResult(records=len(items))
         t0 = time.perf_counter()
@@ -132,6 +133,43 @@ class Pipeline:
         res.stream_time = self.stream_time
         return res
 
+    def restore(
+        self,
+        entity: str,
+        version: int,
+        adapter: Adapter,
+        consumed: dict[tuple[str, int], int],
+        event_time: float | None = None,
+    ) -> bool:
+        """Load an entity's published state (from the model topic) unless a newer one is held.
+
+        `consumed` is the highest offset per input partition its versions used: re-read events at or
+        below it are skipped as already applied. Returns True if the state was taken.
+        """
+        state = self.table.state(entity)
+        if state is not None and state.version >= version:
+            return False
+        self.table.put(entity, adapter, version, event_time)
+        self.table.mark_consumed(entity, [Position(t, p, o) for (t, p), o in consumed.items()])
+        return True
+
+    def set_shared(self, adapter: Adapter, version: int) -> bool:
+        """Adopt a newer shared (global) adapter published by the member that owns it."""
+        if version <= self.global_version:
+            return False
+        self.shared = {k: v.detach().clone() for k, v in adapter.items()}
+        self.global_version = version
+        return True
+
+    def drop_partitions(self, partitions: set[tuple[str, int]]) -> tuple[int, int]:
+        """Forget open windows and entity states of revoked partitions: their new owner re-reads the
+        windows' events from the committed offset and restores the rest from the model topic.
+        Returns (windows dropped, entities dropped)."""
+        windows = self.windows.drop_partitions(partitions)
+        for w in windows:
+            self._drifted.discard(w.entity)
+        return len(windows), self.table.drop_partitions(partitions)
+
     def safe_offsets(self, next_offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
         """Offsets a source may commit: never past an event still held in an open window."""
         marks = self.windows.low_watermarks()
@@ -139,7 +177,7 @@ class Pipeline:
 
     # ---- stages ---------------------------------------------------------------------------------
     def _decode(
-        self, items: Sequence[object], res: BatchResult, now: float
+        self, items: Sequence[Record | DecodeError], res: BatchResult, now: float
     ) -> tuple[list[FeedbackEvent], list[Position]]:
         ev_cfg = self.cfg.events
         seen, capacity = self._seen, ev_cfg.dedup_capacity
@@ -149,16 +187,17 @@ class Pipeline:
             if isinstance(item, DecodeError):
                 res.dead_letters.append(item)
                 continue
-            raw, pos = item.value, item.position  # type: ignore[attr-defined]
+            raw, pos = item.value, item.position
             ev = decode(raw, pos, max_bytes=ev_cfg.max_record_bytes, max_future_s=ev_cfg.max_future_s, now=now)
             if isinstance(ev, DecodeError):
-                res.dead_letters.append(ev)
+                res.dead_letters.append(replace(ev, key=item.key, timestamp_ms=item.timestamp_ms))
                 continue
             if capacity:
                 first = seen.get(ev.event_id)
                 if first is not None and first != pos:
+                    detail = f"event_id {ev.event_id!r} first seen at {first}"
                     res.dead_letters.append(
-                        DecodeError(raw, "duplicate_event_id", f"event_id {ev.event_id!r} first seen at {first}", pos)
+                        DecodeError(raw, "duplicate_event_id", detail, pos, item.key, item.timestamp_ms)
                     )
                     continue
                 seen[ev.event_id] = pos

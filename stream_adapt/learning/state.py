@@ -28,6 +28,7 @@ class EntityState:
     version: int = 0  # last accepted version (0: none)
     consumed: dict[tuple[str, int], int] = field(default_factory=dict)
     last_accepted_at: float = float("-inf")  # event time of the last accepted window
+    partition: tuple[str, int] | None = None  # the source partition its events last came from
 
 
 class AdapterTable:
@@ -75,11 +76,21 @@ class AdapterTable:
         if st is None:
             st = self.entities[entity] = EntityState()
         consumed = st.consumed
+        tp: tuple[str, int] | None = None
         for topic, partition, offset in positions:
             tp = (topic, partition)
             if offset > consumed.get(tp, -1):
                 consumed[tp] = offset
+        if tp is not None:
+            st.partition = tp
         return st
+
+    def drop_partitions(self, partitions: set[tuple[str, int]]) -> int:
+        """Forget the entities whose events came from these partitions (now owned elsewhere)."""
+        gone = [e for e, st in self.entities.items() if st.partition in partitions]
+        for entity in gone:
+            del self.entities[entity]  # its row is simply not reused; the table grows by doubling only
+        return len(gone)
 
     def put(self, entity: str, adapter_row: Adapter, version: int, event_time: float | None = None) -> None:
         """Store an accepted adapter (tensors without the batch dimension) as `version`."""

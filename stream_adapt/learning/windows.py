@@ -130,6 +130,14 @@ class WindowStore:
                 out.append(window)
         return out
 
+    def drop_partitions(self, partitions: set[tuple[str, int]]) -> list[Window]:
+        """Remove and return the open windows holding events of these partitions (revoked)."""
+        gone = [w for w in self._open.values() if partitions.intersection(w.first_offsets)]
+        for window in gone:
+            del self._open[window.entity]
+            self._forget(window)
+        return gone
+
     def drain_evicted(self) -> list[Window]:
         """Windows pushed out by the `max_entities` bound since the last call."""
         out, self._evicted = self._evicted, []
