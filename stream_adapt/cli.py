@@ -33,7 +33,6 @@ SHORTCUTS: dict[str, str] = {
     "entity_detector": "pipeline.drift.entity_detector.kind",
     "global_detector": "pipeline.drift.global_detector.kind",
     "batch_size": "batch_size",
-    "metrics_port": "metrics_port",
 }
 
 
@@ -85,7 +84,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entity-detector", choices=["adwin", "page_hinkley", "kswin", "none"], help="per-entity drift")
     g.add_argument("--global-detector", choices=["adwin", "page_hinkley", "kswin", "none"], help="global drift")
     g.add_argument("--batch-size", type=int, help="records per poll")
-    g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (default demo-out)")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("config", help="show the effective configuration, or the reference of every setting")
+    sp = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = sp.add_parser("show", help="print the effective settings as JSON (secrets masked)")
+    _add_config_args(show)
+    sp.add_parser("reference", help="print every setting with its default and meaning (Markdown)")
+
     p = sub.add_parser("schemas", help="JSON Schemas of the wire formats")
     sp = p.add_subparsers(dest="schemas_command", required=True, metavar="ACTION")
     e = sp.add_parser("export", help="write the JSON Schema files")
@@ -160,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from stream_adapt import commands
 
+    if args.command == "config":
+        print(commands.config_show(args) if args.config_command == "show" else commands.config_reference())
+        return 0
     if args.command == "schemas":
         for path in commands.export_schemas(args.directory):
             print(path)

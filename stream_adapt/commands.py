@@ -19,11 +19,24 @@ from stream_adapt.errors import ConfigError
 from stream_adapt.events import export_schemas as _export_schemas
 from stream_adapt.learning.models import AdaptableModel, load_model, load_plugin
 
-__all__ = ["demo", "export_schemas", "pretrain", "run", "synth"]
+__all__ = ["config_reference", "config_show", "demo", "export_schemas", "pretrain", "run", "synth"]
 
 
 def export_schemas(directory: Path) -> list[Path]:
     return _export_schemas(directory)
+
+
+def config_show(args: argparse.Namespace) -> str:
+    from stream_adapt.cli import overrides_from_args
+
+    settings = load_settings(args.config, overrides_from_args(args))
+    return settings.model_dump_json(indent=2, by_alias=True)
+
+
+def config_reference() -> str:
+    from stream_adapt.config import reference_table
+
+    return reference_table()
 
 
 def synth(args: argparse.Namespace) -> int:

@@ -27,8 +27,12 @@ class _Frozen(BaseModel):
 class EventsConfig(_Frozen):
     """What counts as a valid event, and which ones the model learns from."""
 
-    max_record_bytes: int = Field(DEFAULT_MAX_RECORD_BYTES, ge=256, le=16 * 1024 * 1024)
-    max_future_s: float = Field(DEFAULT_MAX_FUTURE_S, ge=0)
+    max_record_bytes: int = Field(
+        DEFAULT_MAX_RECORD_BYTES, ge=256, le=16 * 1024 * 1024, description="Larger records are dead-lettered."
+    )
+    max_future_s: float = Field(
+        DEFAULT_MAX_FUTURE_S, ge=0, description="Event timestamps further ahead of the clock are dead-lettered."
+    )
     dedup_capacity: int = Field(
         200_000, ge=0, description="How many recent event_ids are remembered to drop duplicates (0: off)."
     )
@@ -42,7 +46,7 @@ class EventsConfig(_Frozen):
 class WindowConfig(_Frozen):
     """Per-entity few-shot windows."""
 
-    entity: Literal["user", "item"] = "user"
+    entity: Literal["user", "item"] = Field("user", description="Adapt per user or per item.")
     shots: int = Field(8, ge=2, le=1024, description="K: events that make a window ready (support + query).")
     max_shots: int = Field(
         32,
@@ -75,11 +79,11 @@ class WindowConfig(_Frozen):
 class AdaptConfig(_Frozen):
     """The few gradient steps run on each window's support shots."""
 
-    steps: int = Field(5, ge=1, le=200)
+    steps: int = Field(5, ge=1, le=200, description="Gradient steps per adaptation.")
     optimizer: Literal["sgd", "adam"] = Field(
         "sgd", description="SGD: steps scale with the error, so drifted entities move far and others little."
     )
-    lr: float = Field(0.02, gt=0, le=10)
+    lr: float = Field(0.02, gt=0, le=10, description="Adaptation learning rate.")
     l2: float = Field(0.01, ge=0, description="Pull toward the starting adapter: l2 * ||theta - theta0||^2.")
     max_batch: int = Field(4096, ge=1, description="At most this many windows per vectorised call.")
     device: str = Field("cpu", description="torch device for adaptation ('cpu', 'cuda').")
@@ -104,14 +108,14 @@ class GateConfig(_Frozen):
 class DetectorConfig(_Frozen):
     """One river drift detector on the absolute prequential error (its parameters are in error units)."""
 
-    kind: Literal["adwin", "page_hinkley", "kswin", "none"] = "adwin"
-    adwin_delta: float = Field(0.002, gt=0, lt=1)
+    kind: Literal["adwin", "page_hinkley", "kswin", "none"] = Field("adwin", description="River detector.")
+    adwin_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence (smaller: fewer alarms).")
     adwin_clock: int = Field(32, ge=1, description="ADWIN checks for change every `clock` updates.")
     ph_threshold: float = Field(50.0, gt=0, description="PageHinkley: cumulative excess error that signals drift.")
     ph_delta: float = Field(0.005, ge=0, description="PageHinkley: error increase tolerated per event.")
-    ph_min_instances: int = Field(30, ge=1)
-    kswin_alpha: float = Field(0.005, gt=0, lt=1)
-    kswin_window: int = Field(100, ge=20)
+    ph_min_instances: int = Field(30, ge=1, description="PageHinkley: events before it may signal.")
+    kswin_alpha: float = Field(0.005, gt=0, lt=1, description="KSWIN: significance of the KS test.")
+    kswin_window: int = Field(100, ge=20, description="KSWIN: window size (~230 us per update).")
 
 
 class DriftConfig(_Frozen):
@@ -128,8 +132,8 @@ class DriftConfig(_Frozen):
     entity_warmup: int = Field(10, ge=0, description="Events an entity must have before its drift counts.")
     reset_on_drift: bool = Field(True, description="Re-adapt a drifted entity from the initial adapter.")
     reservoir_size: int = Field(4096, ge=64, description="Recent events kept to re-adapt the shared part.")
-    global_steps: int = Field(20, ge=1)
-    global_lr: float = Field(0.02, gt=0)
+    global_steps: int = Field(20, ge=1, description="Adam steps when re-adapting the shared part.")
+    global_lr: float = Field(0.02, gt=0, description="Learning rate when re-adapting the shared part.")
 
 
 class PipelineConfig(_Frozen):
@@ -140,22 +144,22 @@ class PipelineConfig(_Frozen):
     adapt: AdaptConfig = AdaptConfig()
     gate: GateConfig = GateConfig()
     drift: DriftConfig = DriftConfig()
-    seed: int = 0
+    seed: int = Field(0, description="Seed of everything random in the pipeline.")
 
 
 class KafkaConfig(_Frozen):
     """Kafka connection and topics. `extra` passes librdkafka keys through (security.protocol, ssl.*...)."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topic: str = "feedback"
-    model_topic: str = "stream-adapt.models"
-    log_topic: str = "stream-adapt.adaptations"
-    dead_letter_topic: str = "stream-adapt.dead-letters"
-    group: str = "stream-adapt"
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    topic: str = Field("feedback", description="Input topic of feedback events, keyed by entity id.")
+    model_topic: str = Field("stream-adapt.models", description="Compacted topic of adapter versions.")
+    log_topic: str = Field("stream-adapt.adaptations", description="Every adaptation outcome, as JSON.")
+    dead_letter_topic: str = Field("stream-adapt.dead-letters", description="Invalid records, with why and where.")
+    group: str = Field("stream-adapt", description="Consumer group: add instances to scale out.")
+    sasl_username: str | None = Field(None, description="SASL username (with sasl_password).")
+    sasl_password: SecretStr | None = Field(None, description="SASL password; never logged.")
     extra: dict[str, str] = Field(default_factory=dict, description="Other librdkafka settings, passed through.")
-    exactly_once: bool = False
+    exactly_once: bool = Field(False, description="Kafka transactions: outputs and offsets commit together.")
 
 
 class Settings(BaseSettings):
@@ -167,10 +171,8 @@ class Settings(BaseSettings):
 
     pipeline: PipelineConfig = PipelineConfig()
     kafka: KafkaConfig = KafkaConfig()
-    metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics endpoint.")
     batch_size: int = Field(2000, ge=1, description="Records polled per batch.")
-    poll_timeout_s: float = Field(0.5, gt=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for a batch.")
 
     @classmethod
     def settings_customise_sources(
@@ -243,3 +245,27 @@ def pipeline_config(overrides: dict[str, Any] | None = None) -> PipelineConfig:
         return PipelineConfig.model_validate(overrides or {})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "pipeline.")) from exc
+
+
+def _rows(model: BaseModel, prefix: str) -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) of every leaf setting, defaults read from the default instance."""
+    rows = []
+    for name, info in type(model).model_fields.items():
+        key = f"{prefix}{info.alias or name}"
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            rows += _rows(value, key + ".")
+            continue
+        if isinstance(value, SecretStr):
+            shown = '"**********"'
+        else:
+            shown = json.dumps(list(value) if isinstance(value, tuple) else value, default=str)
+        rows.append((key, shown, (info.description or "").replace("|", "\\|")))
+    return rows
+
+
+def reference_table() -> str:
+    """Every setting with its default and meaning, as a Markdown table (the README's reference)."""
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in _rows(Settings(), "")]
+    return "\n".join(lines)

@@ -28,7 +28,7 @@ class PretrainConfig:
     epochs: int = 12
     batch_size: int = 1024
     lr: float = 0.01
-    l2: float = 0.1  # on the embedding rows a batch touches (chosen on the synthetic and ML-100K validation)
+    l2: float = 0.2  # on the embedding rows a batch touches (validation RMSE on the synthetic stream: 1e-4 0.58, 0.2 0.50)
     entity_dropout: float = 0.1
     counterpart_dropout: float = 0.02
     val_fraction: float = 0.1
