@@ -47,13 +47,7 @@ class WindowConfig(_Frozen):
     """Per-entity few-shot windows."""
 
     entity: Literal["user", "item"] = Field("user", description="Adapt per user or per item.")
-    shots: int = Field(8, ge=2, le=1024, description="K: events that make a window ready (support + query).")
-    max_shots: int = Field(
-        32,
-        ge=2,
-        le=4096,
-        description="A ready window keeps taking its entity's events until the end of the batch, up to this.",
-    )
+    shots: int = Field(8, ge=2, le=1024, description="K: events per window (support + query).")
     query_shots: int = Field(2, ge=1, description="The last Q events of a window are its query shots.")
     min_shots: int = Field(4, ge=2, description="A window older than max_age is adapted if it has this many.")
     max_age_s: float = Field(
@@ -69,8 +63,6 @@ class WindowConfig(_Frozen):
             raise ValueError("query_shots must be smaller than shots")
         if self.min_shots > self.shots:
             raise ValueError("min_shots must not exceed shots")
-        if self.max_shots < self.shots:
-            raise ValueError("max_shots must be at least shots")
         if self.min_shots <= self.query_shots:
             raise ValueError("min_shots must exceed query_shots (a window needs support shots)")
         return self
@@ -84,6 +76,11 @@ class AdaptConfig(_Frozen):
         "sgd", description="SGD: steps scale with the error, so drifted entities move far and others little."
     )
     lr: float = Field(0.02, gt=0, le=10, description="Adaptation learning rate.")
+    lr_scale: dict[str, float] = Field(
+        default_factory=lambda: {"bias": 3.0},
+        description="Per adapter tensor: learning-rate multiplier (a bias is one well-determined number; "
+        "an embedding has many dimensions and few shots).",
+    )
     l2: float = Field(0.01, ge=0, description="Pull toward the starting adapter: l2 * ||theta - theta0||^2.")
     max_batch: int = Field(4096, ge=1, description="At most this many windows per vectorised call.")
     device: str = Field("cpu", description="torch device for adaptation ('cpu', 'cuda').")

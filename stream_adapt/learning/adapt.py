@@ -105,15 +105,16 @@ def adapt_batched(model: AdaptableModel, batch: WindowBatch, cfg: AdaptConfig) -
         with torch.no_grad():
             for name, g in zip(names, grads, strict=True):
                 p = theta[name]
+                lr = cfg.lr * cfg.lr_scale.get(name, 1.0)
                 if cfg.optimizer == "sgd":
-                    p.sub_(cfg.lr * g)
+                    p.sub_(lr * g)
                 else:
                     m[name].mul_(BETA1).add_(g, alpha=1 - BETA1)
                     v2[name].mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
                     bc1 = 1 - BETA1**step
                     bc2_sqrt = math.sqrt(1 - BETA2**step)
                     denom = (v2[name].sqrt() / bc2_sqrt).add_(EPS)
-                    p.addcdiv_(m[name], denom, value=-cfg.lr / bc1)
+                    p.addcdiv_(m[name], denom, value=-lr / bc1)
     adapted = {k: v.detach() for k, v in theta.items()}
     loss_before, mae_before = query_errors(model, start, batch)
     loss_after, mae_after = query_errors(model, adapted, batch)
@@ -128,11 +129,12 @@ def adapt_loop(model: AdaptableModel, batch: WindowBatch, cfg: AdaptConfig) -> A
         s_idx, s_y = batch.support_idx[b : b + 1, :n_s], batch.support_y[b : b + 1, :n_s]
         start = {k: v[b : b + 1].detach() for k, v in batch.start.items()}
         params: Adapter = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+        groups = [{"params": [p], "lr": cfg.lr * cfg.lr_scale.get(k, 1.0)} for k, p in params.items()]
         opt: torch.optim.Optimizer
         if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(list(params.values()), lr=cfg.lr)
+            opt = torch.optim.SGD(groups, lr=cfg.lr)
         else:
-            opt = torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=(BETA1, BETA2), eps=EPS)
+            opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(BETA1, BETA2), eps=EPS)
         for _ in range(cfg.steps):
             opt.zero_grad()
             loss = ((model.predict(params, s_idx, batch.shared) - s_y) ** 2).mean()

@@ -111,7 +111,7 @@ class Pipeline:
         t0 = time.perf_counter()
         events, positions = self._decode(items, res, now or time.time())
         t1 = time.perf_counter()
-        closing = self._score_and_window(events, positions, res) if events else []
+        closing = self._score_and_window(events, positions, res) if events else []  # adapts as windows close
         t2 = time.perf_counter()
         if self.stream_time is not None:
             closing += [(w, "max_age") for w in self.windows.due(self.stream_time)]
@@ -217,32 +217,66 @@ class Pipeline:
     def _score_and_window(
         self, events: list[FeedbackEvent], positions: list[Position], res: BatchResult
     ) -> list[tuple[Window, str]]:
-        model, cfg = self.model, self.cfg
+        """Score, detect drift and window the events, adapting windows as they close, in rounds.
+
+        Each event is scored with an adapter that includes every earlier window of its entity: once an
+        entity's window closes, its later events in this batch wait for the next round, after the
+        round's closed windows were adapted together. Returns the windows still to close (evicted).
+        """
         if self._by_user:
             entities = [e.user_id for e in events]
             counterparts = [e.item_id for e in events]
         else:
             entities = [e.item_id for e in events]
             counterparts = [e.user_id for e in events]
-        entity_idx = model.entity_index(entities)
-        cp_idx = model.counterpart_index(counterparts)
+        entity_idx = self.model.entity_index(entities)
+        cp_idx = self.model.counterpart_index(counterparts)
+        pending = list(range(len(events)))
+        while pending:
+            closing, pending = self._round(events, positions, entities, entity_idx, cp_idx, pending, res)
+            self._close(closing, res)
+        self._since_global += len(events)
+        res.learned += len(events)
+        return [(w, "evicted") for w in self.windows.drain_evicted()]
+
+    def _round(
+        self,
+        events: list[FeedbackEvent],
+        positions: list[Position],
+        entities: list[str],
+        entity_idx: torch.Tensor,
+        cp_idx: torch.Tensor,
+        pending: list[int],
+        res: BatchResult,
+    ) -> tuple[list[tuple[Window, str]], list[int]]:
+        """One pass over the pending events: (windows closed in it, events deferred to the next round)."""
+        model = self.model
+        sel = torch.tensor(pending, dtype=torch.long) if len(pending) < len(events) else None
+        e_idx = entity_idx if sel is None else entity_idx[sel]
+        c_idx = cp_idx if sel is None else cp_idx[sel]
+        ents = entities if sel is None else [entities[i] for i in pending]
         with torch.no_grad():
-            cols = cp_idx.unsqueeze(1)
-            current = self.table.gather(model, entities, entity_idx)
-            preds = model.predict(current, cols, self.shared).squeeze(1).tolist()
-            base = model.predict(model.initial_adapter(entity_idx), cols, self.shared).squeeze(1).tolist()
-        cps = cp_idx.tolist()
+            cols = c_idx.unsqueeze(1)
+            preds = model.predict(self.table.gather(model, ents, e_idx), cols, self.shared).squeeze(1).tolist()
+            base = model.predict(model.initial_adapter(e_idx), cols, self.shared).squeeze(1).tolist()
+        cps = c_idx.tolist()
 
         windows, drift, reservoir, drifted = self.windows, self.drift, self._reservoir, self._drifted
-        min_shots = cfg.window.min_shots
+        min_shots = self.cfg.window.min_shots
         closing: list[tuple[Window, str]] = []
-        ready: dict[str, None] = {}  # an ordered set: results must not depend on hash seeds
+        blocked: set[str] = set()
+        deferred: list[int] = []
         abs_err = sq_err = b_abs = b_sq = 0.0
         stream_time = self.stream_time if self.stream_time is not None else float("-inf")
-        for i, ev in enumerate(events):
-            y, entity = ev.value, entities[i]
-            err = preds[i] - y
-            berr = base[i] - y
+        for j, i in enumerate(pending):
+            entity = entities[i]
+            if entity in blocked:
+                deferred.append(i)
+                continue
+            ev = events[i]
+            y = ev.value
+            err = preds[j] - y
+            berr = base[j] - y
             abs_err += abs(err)
             sq_err += err * err
             b_abs += abs(berr)
@@ -254,36 +288,27 @@ class Pipeline:
             if global_drift:
                 res.global_drifts += 1
                 self._global_pending = True
-            reservoir.append((entity, cps[i], y))
-            full = windows.add(entity, Shot(cps[i], y, ts, positions[i], preds[i]))
+            reservoir.append((entity, cps[j], y))
+            full = windows.add(entity, Shot(cps[j], y, ts, positions[i], preds[j]))
             if entity_drift:
                 res.entity_drifts += 1
                 drifted.add(entity)
             if full is not None:
-                ready.pop(entity, None)
                 res.windows_filled += 1
                 closing.append((full, "drift" if entity in drifted else "window_full"))
-            elif windows.ready(entity):
-                ready[entity] = None
+                blocked.add(entity)
             elif entity in drifted:
                 open_w = windows.get(entity)
                 if open_w is not None and len(open_w.shots) >= min_shots:
                     windows.take(entity)
                     closing.append((open_w, "drift"))
-        for entity in ready:  # full windows close at the end of the batch, with all their fresh shots
-            full = windows.take(entity)
-            if full is not None:
-                res.windows_filled += 1
-                closing.append((full, "drift" if entity in drifted else "window_full"))
-        self._since_global += len(events)
+                    blocked.add(entity)
         self.stream_time = stream_time
-        res.learned += len(events)
         res.abs_err += abs_err
         res.sq_err += sq_err
         res.base_abs_err += b_abs
         res.base_sq_err += b_sq
-        closing += [(w, "evicted") for w in windows.drain_evicted()]
-        return closing
+        return closing, deferred
 
     def _close(self, closing: list[tuple[Window, str]], res: BatchResult) -> None:
         min_shots = self.cfg.window.min_shots
@@ -293,7 +318,7 @@ class Pipeline:
                 ready.append((window, trigger))
             else:
                 res.log.append(self._record(window, trigger, "expired", "too_few_shots", 0, None, None))
-        # An entity with several closed windows in one batch (one that overflowed max_shots) is adapted
+        # An entity with several closed windows in one batch (a max-age or evicted window beside a full one) is adapted
         # in rounds, so each of its versions starts from the previous one; a round has one window per entity.
         rounds: list[list[tuple[Window, str]]] = []
         depth: dict[str, int] = {}

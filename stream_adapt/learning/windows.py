@@ -1,10 +1,9 @@
 """Per-entity few-shot windows.
 
-Each entity (a user by default) has at most one open window. Events join it in arrival order; once it
-holds K shots it is ready, and the pipeline closes it (tumbling) at the end of the batch, so an active
-entity gets one adaptation per batch from all its fresh shots (at most `max_shots`, where it closes at
-once). The last Q shots (scaled for longer or shorter windows) are the query set, the rest the support
-set: the gate checks on the *later* data, as serving would face it.
+Each entity (a user by default) has at most one open window. Events join it in arrival order; when it
+holds K shots it closes (tumbling) and the pipeline adapts it. The last Q shots (scaled for shorter
+windows) are the query set, the rest the support set: the gate checks on the *later* data, as serving
+would face it.
 A window older than `max_age_s` in event time closes too, and so does the least recently touched window
 when more than `max_entities` are open (memory stays flat however many distinct entities arrive).
 
@@ -74,10 +73,7 @@ class WindowStore:
         return self._open.get(entity)
 
     def add(self, entity: str, shot: Shot) -> Window | None:
-        """Append a shot. Returns the window, removed from the store, when it reaches `max_shots`.
-
-        A window with `shots` or more is ready (`ready()`); the caller closes it with `take()`.
-        """
+        """Append a shot. Returns the window, removed from the store, when this shot fills it."""
         window = self._open.get(entity)
         if window is None:
             self._seq += 1
@@ -100,14 +96,9 @@ class WindowStore:
         self.open_events += 1
         if len(self._age_heap) > 2 * len(self._open) + 1024:
             self._compact()
-        if len(window.shots) >= self.cfg.max_shots:
+        if len(window.shots) >= self.cfg.shots:
             return self.take(entity)
         return None
-
-    def ready(self, entity: str) -> bool:
-        """True when the entity's open window holds at least `shots` shots."""
-        window = self._open.get(entity)
-        return window is not None and len(window.shots) >= self.cfg.shots
 
     def take(self, entity: str) -> Window | None:
         """Remove and return an entity's open window (to adapt it now), if any."""
