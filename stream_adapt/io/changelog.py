@@ -64,7 +64,15 @@ def reader_config(kafka: KafkaConfig | str, overrides: Mapping[str, Any] | None 
     over `kafka.extra` too: the readers here are not correct without them.
     """
     cfg = kafka if isinstance(kafka, KafkaConfig) else KafkaConfig(bootstrap_servers=kafka)
-    config = client_config(cfg, **{"group.id": READER_GROUP_ID, "auto.offset.reset": "earliest", **(overrides or {})})
+    defaults = {
+        "group.id": READER_GROUP_ID,
+        "auto.offset.reset": "earliest",
+        # A fetch at the end of a partition waits this long for data before the broker answers, and
+        # only that answer proves the end: 100 ms instead of 500 made a 3-partition read-to-end 3x
+        # faster (restores run while a rebalance waits), and new versions reach serving sooner.
+        "fetch.wait.max.ms": 100,
+    }
+    config = client_config(cfg, **{**defaults, **(overrides or {})})
     config.update({"enable.partition.eof": True, "enable.auto.commit": False, "enable.auto.offset.store": False})
     return config
 
