@@ -13,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from stream_adapt.config import Settings, load_settings
 from stream_adapt.errors import ConfigError
 from stream_adapt.events import export_schemas as _export_schemas
-from stream_adapt.learning.models import AdaptableModel, load_model, load_plugin
+
+if TYPE_CHECKING:
+    from stream_adapt.learning.models import AdaptableModel
 
 __all__ = ["config_reference", "config_show", "demo", "export_schemas", "pretrain", "run", "synth"]
 
@@ -28,9 +31,15 @@ def export_schemas(directory: Path) -> list[Path]:
 
 def config_show(args: argparse.Namespace) -> str:
     from stream_adapt.cli import overrides_from_args
+    from stream_adapt.config import SECRET_WORDS
 
     settings = load_settings(args.config, overrides_from_args(args))
-    return settings.model_dump_json(indent=2, by_alias=True)
+    data = settings.model_dump(mode="json", by_alias=True)
+    extra = data["kafka"]["extra"]
+    for key in extra:
+        if any(word in key.lower() for word in SECRET_WORDS):
+            extra[key] = "**********"
+    return json.dumps(data, indent=2)
 
 
 def config_reference() -> str:
@@ -89,6 +98,8 @@ def pretrain(args: argparse.Namespace) -> int:
 
 
 def load_any_model(model_dir: Path, plugin: str | None, settings: Settings) -> AdaptableModel:
+    from stream_adapt.learning.models import load_model, load_plugin
+
     if plugin:
         return load_plugin(plugin, model_dir)
     return load_model(model_dir, entity=settings.pipeline.window.entity)
@@ -107,15 +118,9 @@ def _install_stop_handlers(stop: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream_adapt import runtime
     from stream_adapt.cli import overrides_from_args
-    from stream_adapt.io.directory import DirSink
-    from stream_adapt.io.files import FileSource
-    from stream_adapt.learning.pipeline import Pipeline
-    from stream_adapt.learning.stats import format_summary
-    from stream_adapt.progress import ProgressPrinter
-    from stream_adapt.runner import Runner, RunOptions
 
+    # Settings and arguments first: a mistake is reported before torch is even imported.
     settings = load_settings(args.config, overrides_from_args(args))
     kind, _, target = args.source.partition(":")
     if kind != "file" or not target:
@@ -123,6 +128,15 @@ def run(args: argparse.Namespace) -> int:
     skind, _, sink_target = args.sink.partition(":")
     if skind != "dir" or not sink_target:
         raise ConfigError(f"--sink must be dir:OUT, got {args.sink!r}")
+
+    from stream_adapt import runtime
+    from stream_adapt.io.directory import DirSink
+    from stream_adapt.io.files import FileSource
+    from stream_adapt.learning.pipeline import Pipeline
+    from stream_adapt.learning.stats import format_summary
+    from stream_adapt.progress import ProgressPrinter
+    from stream_adapt.runner import Runner, RunOptions
+
     model = load_any_model(args.model, args.model_plugin, settings)
     runtime.tune(settings.pipeline.adapt.threads)
     source = FileSource(Path(target), args.format)

@@ -8,16 +8,21 @@ defaults. An invalid value fails at start with the field named (`ConfigError`).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from stream_adapt.errors import ConfigError
 from stream_adapt.events import DEFAULT_MAX_FUTURE_S, DEFAULT_MAX_RECORD_BYTES, EventType
+
+#: Setting names containing one of these are secrets: never printed.
+SECRET_WORDS = ("password", "secret", "token", "key", "jaas", "credential")
 
 
 class _Frozen(BaseModel):
@@ -57,15 +62,23 @@ class WindowConfig(_Frozen):
         100_000, ge=1, description="Open windows (and per-entity drift state) kept; least recent evicted."
     )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> WindowConfig:
-        if self.query_shots >= self.shots:
-            raise ValueError("query_shots must be smaller than shots")
-        if self.min_shots > self.shots:
-            raise ValueError("min_shots must not exceed shots")
-        if self.min_shots <= self.query_shots:
-            raise ValueError("min_shots must exceed query_shots (a window needs support shots)")
-        return self
+    @field_validator("query_shots")
+    @classmethod
+    def _query_below_shots(cls, q: int, info: ValidationInfo) -> int:
+        shots = info.data.get("shots")
+        if shots is not None and q >= shots:
+            raise ValueError(f"must be smaller than shots ({shots})")
+        return q
+
+    @field_validator("min_shots")
+    @classmethod
+    def _min_between(cls, m: int, info: ValidationInfo) -> int:
+        shots, q = info.data.get("shots"), info.data.get("query_shots")
+        if shots is not None and m > shots:
+            raise ValueError(f"must not exceed shots ({shots})")
+        if q is not None and m <= q:
+            raise ValueError(f"must exceed query_shots ({q}): a window needs support shots")
+        return m
 
 
 class AdaptConfig(_Frozen):
@@ -155,7 +168,9 @@ class KafkaConfig(_Frozen):
     group: str = Field("stream-adapt", description="Consumer group: add instances to scale out.")
     sasl_username: str | None = Field(None, description="SASL username (with sasl_password).")
     sasl_password: SecretStr | None = Field(None, description="SASL password; never logged.")
-    extra: dict[str, str] = Field(default_factory=dict, description="Other librdkafka settings, passed through.")
+    extra: dict[str, str] = Field(
+        default_factory=dict, repr=False, description="Other librdkafka settings, passed through (values not shown)."
+    )
     exactly_once: bool = Field(False, description="Kafka transactions: outputs and offsets commit together.")
 
 
@@ -180,9 +195,22 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The config file arrives as init values; the environment overrides it. CLI flags are merged
-        # over both in load_settings().
-        return (env_settings, init_settings)
+        # Highest first: flags (init values), then the environment, then the config file.
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+#: The config file's values while `load_settings` builds a `Settings` (read by `_FileSource`).
+_FILE_VALUES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("stream_adapt_config_file")
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file as the lowest-priority settings source."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _FILE_VALUES.get({}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get({}))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -200,40 +228,32 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the field by its dotted path."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err.get("loc", ()))
-        secret = any(word in loc for word in ("password", "secret", "token", "key"))
+        secret = any(word in loc for word in SECRET_WORDS) or loc.startswith("kafka.extra")
         shown = "<redacted>" if secret else f"{err.get('input')!r:.60}"
         lines.append(f"{prefix}{loc or '(root)'}: {err.get('msg')} (got {shown})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Build `Settings` from file, environment and overrides (flags). Raises `ConfigError` naming fields.
+    """Build `Settings`; precedence: overrides (flags) > environment > file > defaults.
 
-    Precedence: overrides > environment > file > defaults.
+    Raises `ConfigError` naming every invalid field (or environment variable).
     """
-    file_values = _read_file(config_file) if config_file else {}
+    token = _FILE_VALUES.set(_read_file(config_file) if config_file else {})
     try:
-        # Environment above file: let pydantic-settings read env over the file's values, then apply flags.
-        merged_env = Settings(**file_values)
-        values = _deep_merge(merged_env.model_dump(by_alias=True), overrides or {})
-        return Settings.model_validate(values) if overrides else merged_env
+        return Settings(**(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from exc
+    except SettingsError as exc:  # e.g. STREAM_ADAPT_KAFKA__EXTRA='{x' is not JSON
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigError(f"invalid configuration from the environment: {exc}{cause}") from exc
+    finally:
+        _FILE_VALUES.reset(token)
 
 
 def pipeline_config(overrides: dict[str, Any] | None = None) -> PipelineConfig:

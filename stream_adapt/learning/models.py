@@ -204,15 +204,24 @@ def save_model(model: NeuralRecommender, directory: Path) -> str:
     users = sorted(model.user_ids, key=model.user_ids.__getitem__)
     items = sorted(model.item_ids, key=model.item_ids.__getitem__)
     body = {"config": asdict(model.config), "users": users, "items": items}
-    fingerprint = _fingerprint(weights.read_bytes(), body)
+    fingerprint = _fingerprint(tensors, body)
     body["fingerprint"] = fingerprint
     (directory / CONFIG_FILE).write_text(json.dumps(body))
     model.fingerprint = fingerprint
     return fingerprint
 
 
-def _fingerprint(weight_bytes: bytes, body: dict[str, Any]) -> str:
-    h = hashlib.sha256(weight_bytes)
+def _fingerprint(tensors: dict[str, Tensor], body: dict[str, Any]) -> str:
+    """sha256 over the tensors (sorted names, dtypes, shapes, bytes) and the config.
+
+    Not over the weight file: safetensors writes its metadata in no fixed order, so the same weights
+    could give two fingerprints and every adapter published against one would look foreign.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.numel() else b"")
     h.update(json.dumps(body, sort_keys=True).encode())
     return "sha256:" + h.hexdigest()
 
@@ -227,22 +236,27 @@ def load_model(directory: Path, entity: EntityKind | None = None) -> NeuralRecom
         )
     try:
         body = json.loads(cfg_path.read_text())
+        if not isinstance(body, dict):
+            raise TypeError(f"expected a JSON object, got {type(body).__name__}")
         fingerprint = body.pop("fingerprint")
-        raw_cfg = body["config"]
+        raw_cfg = dict(body["config"])
         raw_cfg["value_range"] = tuple(raw_cfg["value_range"])
         config = RecommenderConfig(**raw_cfg)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"{cfg_path} is malformed: {exc}") from exc
-    if _fingerprint(weights.read_bytes(), body) != fingerprint:
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise ModelLoadError(f"{weights}: cannot load weights: {exc}") from exc
+    if _fingerprint(state, body) != fingerprint:
         raise ModelLoadError(f"{directory}: fingerprint mismatch; weights or config were modified")
     if entity is not None and entity != config.entity:
         config = RecommenderConfig(**{**asdict(config), "entity": entity})
-    model = NeuralRecommender(config, body["users"], body["items"])
     try:
-        state = load_file(str(weights))
+        model = NeuralRecommender(config, body["users"], body["items"])
         model.load_state_dict(state)
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise ModelLoadError(f"{weights}: cannot load weights: {exc}") from exc
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ModelLoadError(f"{directory}: weights do not fit the config: {exc}") from exc
     freeze(model)
     model.fingerprint = fingerprint
     return model
@@ -257,7 +271,12 @@ def load_plugin(spec: str, model_dir: Path | None) -> AdaptableModel:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ModelLoadError(f"cannot import model plugin {spec!r}: {exc}") from exc
-    model = factory(model_dir)
+    if not callable(factory):
+        raise ModelLoadError(f"model plugin {spec!r} names a {type(factory).__name__}, not a factory function")
+    try:
+        model = factory(model_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"model plugin {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, AdaptableModel):
         raise ModelLoadError(f"{spec!r} returned {type(model).__name__}, which does not implement AdaptableModel")
     return model

@@ -94,6 +94,9 @@ class Pipeline:
         self.drift = DriftMonitor(config.drift, config.window.max_entities, config.seed)
         self.global_version = 0
         self.shared = model.global_adapter()  # the shared adapter in force; global drift re-adapts it
+        # In a consumer group only one member (the owner of partition 0) re-adapts the shared part; the
+        # others follow its published versions (`set_shared`).
+        self.global_owner = True
         self._by_user = config.window.entity == "user"
         self._learn = frozenset(config.events.learn_types)
         self._seen: OrderedDict[str, Position] = OrderedDict()
@@ -116,7 +119,7 @@ class Pipeline:
         if self.stream_time is not None:
             closing += [(w, "max_age") for w in self.windows.due(self.stream_time)]
         self._close(closing, res)
-        if self._global_pending and self._since_global >= self.cfg.drift.reservoir_size // 2:
+        if self.global_owner and self._global_pending and self._since_global >= self.cfg.drift.reservoir_size // 2:
             self._adapt_global(res)
         t3 = time.perf_counter()
         res.stream_time = self.stream_time
@@ -207,7 +210,8 @@ class Pipeline:
             if ev.event_type not in self._learn:
                 res.ignored += 1
                 continue
-            if self.table.is_consumed(ev.user_id if self._by_user else ev.item_id, pos):
+            entity = ev.user_id if self._by_user else ev.item_id
+            if self.table.is_consumed(entity, pos) or self.windows.holds(entity, pos):
                 res.already_applied += 1
                 continue
             events.append(ev)

@@ -42,6 +42,7 @@ class Window:
     opened_at: float
     shots: list[Shot] = field(default_factory=list)
     first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # per partition
+    last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def split(self, cfg: WindowConfig) -> tuple[list[Shot], list[Shot]]:
         """(support, query): the last Q*n/K shots (rounded, at least 1) of n are the query."""
@@ -72,6 +73,14 @@ class WindowStore:
     def get(self, entity: str) -> Window | None:
         return self._open.get(entity)
 
+    def holds(self, entity: str, position: Position) -> bool:
+        """True if the entity's open window already holds this position (a re-delivery)."""
+        window = self._open.get(entity)
+        if window is None:
+            return False
+        last = window.last_offsets.get((position[0], position[1]))
+        return last is not None and position[2] <= last
+
     def add(self, entity: str, shot: Shot) -> Window | None:
         """Append a shot. Returns the window, removed from the store, when this shot fills it."""
         window = self._open.get(entity)
@@ -92,6 +101,7 @@ class WindowStore:
         if tp not in window.first_offsets:
             window.first_offsets[tp] = offset
             heapq.heappush(self._offset_heaps.setdefault(tp, []), (offset, window.seq))
+        window.last_offsets[tp] = offset
         window.shots.append(shot)
         self.open_events += 1
         if len(self._age_heap) > 2 * len(self._open) + 1024:

@@ -1,0 +1,158 @@
+"""The Kafka service: a consumer-group member that adapts and publishes (see docs/DESIGN-kafka.md).
+
+Wires `KafkaSource` -> `Pipeline` -> `KafkaSink` through the `Runner`, and adds what a group member
+needs around it:
+- on assignment, restore the entities of the new partitions from the model topic (adapters, versions,
+  consumed offsets), so re-read events are recognised and lineages continue;
+- on revocation, flush, commit the revoked partitions' safe offsets, and forget their windows and
+  entities (the new owner re-reads and restores them);
+- between batches, follow the shared adapter published by the owner of partition 0, and pause the
+  partitions while the producer's undelivered backlog is too large (broker slow or gone);
+- `exactly_once`: each commit interval is one Kafka transaction (outputs + offsets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream_adapt.config import Settings
+from stream_adapt.faults import failpoint
+from stream_adapt.io.changelog import GlobalFollower, restore_pipeline
+from stream_adapt.io.kafka import KafkaSink, KafkaSource
+from stream_adapt.io.ports import TopicPartition
+from stream_adapt.learning.models import AdaptableModel
+from stream_adapt.learning.pipeline import Pipeline
+from stream_adapt.learning.stats import RunStats
+from stream_adapt.runner import Observer, Runner, RunOptions
+
+log = logging.getLogger(__name__)
+
+
+def instance_name() -> str:
+    """A readable, unique-enough name for this member (client.id, transactional.id suffix)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class ServiceOptions:
+    restore_timeout_s: float = 60.0
+    max_backlog: int = 50_000  # undelivered producer messages that pause consumption
+    resume_backlog: int = 10_000
+    stats_interval_ms: int = 5000
+    consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    producer_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+class KafkaService:
+    """One member of the consumer group. `run()` returns when stopped (SIGTERM/SIGINT or `stop()`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: AdaptableModel,
+        *,
+        options: ServiceOptions | None = None,
+        observers: list[Observer] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options or ServiceOptions()
+        self.name = name or instance_name()
+        kafka = settings.kafka
+        self.pipeline = Pipeline(model, settings.pipeline)
+        self.source = KafkaSource(
+            kafka,
+            client_id=f"stream-adapt-{self.name}",
+            stats_interval_ms=self.options.stats_interval_ms,
+            overrides=self.options.consumer_overrides,
+        )
+        transactional_id = f"stream-adapt-{kafka.group}-{self.name}" if kafka.exactly_once else None
+        self.sink = KafkaSink(
+            kafka,
+            client_id=f"stream-adapt-{self.name}",
+            transactional_id=transactional_id,
+            overrides=self.options.producer_overrides,
+        )
+        self.follower = GlobalFollower(kafka, kafka.model_topic)
+        run_options = RunOptions(
+            batch_size=settings.batch_size, poll_timeout_s=settings.poll_timeout_s, drain_at_end=False
+        )
+        self.runner = Runner(self.source, self.pipeline, self.sink, run_options, observers=list(observers or []))
+        self.runner.hooks += [self._follow_global, self._backpressure]
+        if kafka.exactly_once:
+            self.sink.begin()
+            self.runner.commit = self._commit_transaction
+        self.source.set_listener(self)
+        self.restored: list[Any] = []  # RestoreReports, for tests and the summary
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def run(self) -> RunStats:
+        log.info("member %s joining group %r on %s", self.name, self.settings.kafka.group, self.settings.kafka.topic)
+        try:
+            return self.runner.run()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def close(self) -> None:
+        """Leave the group and close clients (the runner already committed what was delivered)."""
+        self.source.close()
+        self.sink.close()
+        self.follower.close()
+
+    # ---- rebalance (called inside poll) ---------------------------------------------------------
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        failpoint("in_assign")
+        report = restore_pipeline(
+            self.pipeline,
+            self.settings.kafka,
+            self.settings.kafka.model_topic,
+            partitions,
+            timeout_s=self.options.restore_timeout_s,
+        )
+        self.restored.append(report)
+        log.info("assigned %s; restored %s", sorted(p for _, p in partitions), report)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        self.runner.commit_now(partitions)
+        failpoint("in_revoke")
+        windows, entities = self.pipeline.drop_partitions(set(partitions))
+        self.runner.forget(partitions)
+        log.info(
+            "revoked %s: committed, handed over %d open windows and %d entities",
+            sorted(p for _, p in partitions),
+            windows,
+            entities,
+        )
+
+    # ---- between batches ------------------------------------------------------------------------
+    def _follow_global(self) -> None:
+        owns_global = any(p == 0 for _, p in self.source.assignment)
+        self.pipeline.global_owner = owns_global
+        if not owns_global:
+            self.follower.poll(self.pipeline)
+
+    def _backpressure(self) -> None:
+        backlog = self.sink.backlog
+        if not self.source.paused and backlog > self.options.max_backlog:
+            log.warning(
+                "producer backlog %d > %d: pausing consumption until delivered", backlog, self.options.max_backlog
+            )
+            self.source.pause_all()
+        elif self.source.paused:
+            self.sink.flush(0.5)
+            if self.sink.backlog <= self.options.resume_backlog:
+                log.info("producer backlog %d: resuming consumption", self.sink.backlog)
+                self.source.resume_all()
+
+    def _commit_transaction(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        self.sink.commit(offsets, self.source.group_metadata())
+        self.sink.begin()
+        return True
