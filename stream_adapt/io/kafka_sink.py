@@ -57,8 +57,9 @@ _PRODUCER_HEADROOM_BYTES = 64 * 1024
 #: Tries, and the wait between them, when librdkafka's queue is full before the rest waits for flush().
 _QUEUE_FULL_TRIES = 3
 _QUEUE_FULL_WAIT_S = 0.1
-#: Delivery errors a resend cannot fix (the broker refuses the record itself).
-_PERMANENT_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_RECORD})
+#: Errors a resend cannot fix: the broker (or librdkafka) refuses the record itself.
+_TOO_LARGE_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
+_PERMANENT_CODES = _TOO_LARGE_CODES | {KafkaError.INVALID_RECORD}
 
 
 @dataclass(slots=True)
@@ -187,15 +188,18 @@ class KafkaSink:
         if self._closed:
             return
         self._closed = True
-        if self._in_transaction:
-            log.warning("closing with an open transaction: aborted (its input offsets were not committed)")
-            self._abort(timeout_s)
-        elif self._fatal is None and not self.flush(timeout_s):
-            log.error(
-                "closing with %d undelivered message(s); their input offsets were not committed, "
-                "so the next run re-reads and republishes them",
-                self.backlog,
-            )
+        try:
+            if self._in_transaction:
+                log.warning("closing with an open transaction: aborted (its input offsets were not committed)")
+                self._abort(timeout_s)
+            elif self._fatal is None and not self.flush(timeout_s):
+                log.error(
+                    "closing with %d undelivered message(s); their input offsets were not committed, "
+                    "so the next run re-reads and republishes them",
+                    self.backlog,
+                )
+        except StreamAdaptError as exc:  # a fatal error surfaced while flushing: close anyway
+            log.error("closing the Kafka producer after an error: %s", exc)
         self._producer.purge()
         self._producer.flush(0)
         self._producer.close()
@@ -219,6 +223,14 @@ class KafkaSink:
         """
         self.begin()
         deadline = time.monotonic() + timeout_s
+        # commit_transaction flushes librdkafka's queue, not the messages a full queue left waiting here.
+        if not self.flush(timeout_s):
+            waiting, failed = self.backlog, self._transaction_failures
+            self._abort(timeout_s=10.0)
+            raise StreamAdaptError(
+                f"Kafka transaction aborted: {waiting} message(s) undelivered after {timeout_s:g}s, "
+                f"{failed} failed; restart to resume from the last committed offsets"
+            )
         positions = [KafkaTopicPartition(t, p, o) for (t, p), o in offsets.items()]
         if positions:
             self._transaction_call(
@@ -350,7 +362,7 @@ class KafkaSink:
             del self._inflight[msg.seq]
             err: KafkaError = exc.args[0]
             if err.code() in _PERMANENT_CODES:
-                self.failures[(msg.topic, "too_large")] += 1
+                self.failures[(msg.topic, _reason(err))] += 1
                 log.error("message to %s refused by the client: %s", msg.topic, err.str())
                 return True
             raise StreamAdaptError(f"cannot produce to {msg.topic}[{msg.partition}]: {err.str()}") from exc
@@ -363,11 +375,11 @@ class KafkaSink:
         if err is None:
             self.delivered[out.topic] += 1
             return
+        self.failures[(out.topic, _reason(err))] += 1
         if err.code() in _PERMANENT_CODES:
-            self.failures[(out.topic, "too_large")] += 1
             log.error("%s[%d] refused a %d-byte message: %s", out.topic, out.partition, _size(out), err.str())
             return
-        self.failures[(out.topic, err.name().lstrip("_").lower())] += 1
+        self._errors.error(err)  # e.g. _MSG_TIMED_OUT: logged once per code per few minutes
         if self._transactional:  # a failed transaction is aborted as a whole, not patched up
             self._transaction_failures += 1
         else:
@@ -424,6 +436,11 @@ def _dl_headers(dl: DecodeError) -> list[tuple[str, bytes]]:
     if dl.timestamp_ms is not None:
         headers["stream-adapt-source-timestamp"] = str(dl.timestamp_ms)
     return [(k, v.encode()) for k, v in headers.items()]
+
+
+def _reason(err: KafkaError) -> str:
+    """A failure's label: `too_large`, or the error's name in lower case (`msg_timed_out`...)."""
+    return "too_large" if err.code() in _TOO_LARGE_CODES else err.name().lstrip("_").lower()
 
 
 def _size(msg: _Outgoing) -> int:
