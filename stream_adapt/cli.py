@@ -33,6 +33,11 @@ SHORTCUTS: dict[str, str] = {
     "entity_detector": "pipeline.drift.entity_detector.kind",
     "global_detector": "pipeline.drift.global_detector.kind",
     "batch_size": "batch_size",
+    "bootstrap_servers": "kafka.bootstrap_servers",
+    "topic": "kafka.topic",
+    "model_topic": "kafka.model_topic",
+    "group": "kafka.group",
+    "exactly_once": "kafka.exactly_once",
 }
 
 
@@ -84,6 +89,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entity-detector", choices=["adwin", "page_hinkley", "kswin", "none"], help="per-entity drift")
     g.add_argument("--global-detector", choices=["adwin", "page_hinkley", "kswin", "none"], help="global drift")
     g.add_argument("--batch-size", type=int, help="records per poll")
+    k = p.add_argument_group("kafka")
+    k.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (host:port,...)")
+    k.add_argument("--topic", help="input topic of feedback events, keyed by entity id")
+    k.add_argument("--model-topic", help="compacted topic the adapters are published to")
+    k.add_argument("--group", help="consumer group: run more instances with the same group to scale out")
+    k.add_argument(
+        "--exactly-once", action="store_const", const=True, help="outputs and offsets in one Kafka transaction"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,17 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the service: consume, adapt, publish")
     p.add_argument("--model", type=Path, required=True, help="model directory written by `pretrain`")
     p.add_argument("--model-plugin", help="use your own model: package.module:factory (gets --model)")
-    p.add_argument("--source", required=True, help="file:PATH (an event log)")
+    p.add_argument("--source", required=True, help="kafka (the input topic), or file:PATH (an event log)")
     p.add_argument("--format", default="auto", help="format of a file source")
-    p.add_argument("--sink", required=True, help="dir:OUT (updates, adaptation log, dead letters)")
+    p.add_argument("--sink", required=True, help="kafka (model, log, dead-letter topics), or dir:OUT")
     p.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
     p.add_argument("--no-drain", action="store_true", help="leave open windows pending at the end of a file")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_config_args(p)
 
-    p = sub.add_parser("demo", help="synthetic data -> pretrain -> run -> summary, in one command")
+    p = sub.add_parser("demo", help="embedded broker, synthetic data, pretrain, stream it through the service, summary")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (default demo-out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=20.0, help="spread the live stream over this long (0: flat out)")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of the demo topics")
+    p.add_argument("--offline", action="store_true", help="no broker: file source and directory sink")
+
+    p = sub.add_parser("topics", help="Kafka topics of the service")
+    sp = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    t = sp.add_parser("create", help="create the input, model, adaptation-log and dead-letter topics")
+    t.add_argument("--partitions", type=int, default=6, help="partitions of every topic (input = model topic)")
+    t.add_argument("--replication", type=int, default=-1, help="replication factor (-1: the broker's default)")
+    _add_config_args(t)
 
     p = sub.add_parser("config", help="show the effective configuration, or the reference of every setting")
     sp = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -172,6 +195,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     handler = {
+        "topics": commands.topics,
         "synth": commands.synth,
         "pretrain": commands.pretrain,
         "run": commands.run,

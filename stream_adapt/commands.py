@@ -10,10 +10,9 @@ import dataclasses
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stream_adapt.config import Settings, load_settings
 from stream_adapt.errors import ConfigError
@@ -21,8 +20,10 @@ from stream_adapt.events import export_schemas as _export_schemas
 
 if TYPE_CHECKING:
     from stream_adapt.learning.models import AdaptableModel
+    from stream_adapt.learning.pipeline import Pipeline
+    from stream_adapt.learning.stats import RunStats
 
-__all__ = ["config_reference", "config_show", "demo", "export_schemas", "pretrain", "run", "synth"]
+__all__ = ["config_reference", "config_show", "demo", "export_schemas", "pretrain", "run", "synth", "topics"]
 
 
 def export_schemas(directory: Path) -> list[Path]:
@@ -122,25 +123,43 @@ def run(args: argparse.Namespace) -> int:
 
     # Settings and arguments first: a mistake is reported before torch is even imported.
     settings = load_settings(args.config, overrides_from_args(args))
+    if args.source == "kafka" or args.sink == "kafka":
+        if args.source != "kafka" or args.sink != "kafka":
+            raise ConfigError("--source kafka goes with --sink kafka (restoring state needs the model topic)")
+        return _run_kafka(args, settings)
     kind, _, target = args.source.partition(":")
     if kind != "file" or not target:
-        raise ConfigError(f"--source must be file:PATH, got {args.source!r}")
+        raise ConfigError(f"--source must be kafka or file:PATH, got {args.source!r}")
     skind, _, sink_target = args.sink.partition(":")
     if skind != "dir" or not sink_target:
-        raise ConfigError(f"--sink must be dir:OUT, got {args.sink!r}")
+        raise ConfigError(f"--sink must be kafka or dir:OUT, got {args.sink!r}")
+    return _run_file(args, settings, Path(target), Path(sink_target))
 
+
+def _finish(stats: RunStats, pipeline: Pipeline, model: AdaptableModel, summary_json: Path | None) -> dict[str, Any]:
+    from stream_adapt.learning.stats import format_summary
+
+    summary = stats.summary(len(pipeline.windows), pipeline.windows.open_events)
+    summary["base_fingerprint"] = model.fingerprint
+    print(format_summary(summary))
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _run_file(args: argparse.Namespace, settings: Settings, source_path: Path, out: Path) -> int:
     from stream_adapt import runtime
     from stream_adapt.io.directory import DirSink
     from stream_adapt.io.files import FileSource
     from stream_adapt.learning.pipeline import Pipeline
-    from stream_adapt.learning.stats import format_summary
     from stream_adapt.progress import ProgressPrinter
     from stream_adapt.runner import Runner, RunOptions
 
     model = load_any_model(args.model, args.model_plugin, settings)
     runtime.tune(settings.pipeline.adapt.threads)
-    source = FileSource(Path(target), args.format)
-    sink = DirSink(Path(sink_target))
+    source = FileSource(source_path, args.format)
+    sink = DirSink(out)
     pipeline = Pipeline(model, settings.pipeline)
     options = RunOptions(
         batch_size=settings.batch_size, poll_timeout_s=settings.poll_timeout_s, drain_at_end=not args.no_drain
@@ -154,39 +173,40 @@ def run(args: argparse.Namespace) -> int:
     finally:
         source.close()
         sink.close()
-    summary = stats.summary(len(pipeline.windows), pipeline.windows.open_events)
-    summary["base_fingerprint"] = model.fingerprint
-    print(format_summary(summary))
-    print(f"outputs in {sink_target}/ (updates.jsonl, adaptation_log.jsonl, dead_letters.jsonl)")
-    if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    _finish(stats, pipeline, model, args.summary_json)
+    print(f"outputs in {out}/ (updates.jsonl, adaptation_log.jsonl, dead_letters.jsonl)")
+    return 0
+
+
+def _run_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_adapt import runtime
+    from stream_adapt.progress import ProgressPrinter
+    from stream_adapt.service import KafkaService
+
+    model = load_any_model(args.model, args.model_plugin, settings)
+    runtime.tune(settings.pipeline.adapt.threads)
+    service = KafkaService(settings, model)
+    if not args.quiet:
+        service.runner.observers.append(ProgressPrinter(service.runner.stats, every_s=10.0))
+    _install_stop_handlers(service.stop)
+    stats = service.run()
+    _finish(stats, service.pipeline, model, args.summary_json)
+    return 0
+
+
+def topics(args: argparse.Namespace) -> int:
+    from stream_adapt.cli import overrides_from_args
+    from stream_adapt.io.admin import default_topic_specs, ensure_topics
+
+    settings = load_settings(args.config, overrides_from_args(args))
+    specs = default_topic_specs(settings.kafka, args.partitions, args.replication)
+    for name, outcome in ensure_topics(settings.kafka, specs).items():
+        spec = next(s for s in specs if s.name == name)
+        print(f"{outcome:>8}  {name}  ({spec.partitions} partitions, {spec.config.get('cleanup.policy', 'delete')})")
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The offline demo: synthetic world -> pretrain on its history -> stream its live part."""
-    from stream_adapt.cli import build_parser
+    from stream_adapt.demo import run_demo
 
-    out: Path = args.out
-    t0 = time.perf_counter()
-    data, model_dir, results = out / "data", out / "model", out / "results"
-    print(f"[1/3] synthetic feedback with cold users and drift -> {data}/")
-    synth(argparse.Namespace(out=data, seed=args.seed, users=None, items=None))
-    print(f"[2/3] pretraining the base recommender on {data}/history.jsonl -> {model_dir}/")
-    pretrain(
-        argparse.Namespace(
-            events=data / "history.jsonl", format="jsonl", out=model_dir, entity="user", epochs=12, dim=32,
-            hidden=64, lora_rank=0, seed=args.seed,
-        )
-    )  # fmt: skip
-    print(f"[3/3] streaming {data}/live.jsonl through the service (file source, directory sink)")
-    run_args = build_parser().parse_args(
-        [
-            "run", "--model", str(model_dir), "--source", f"file:{data}/live.jsonl", "--sink", f"dir:{results}",
-            "--summary-json", str(out / "summary.json"),
-        ]
-    )  # fmt: skip
-    code = run(run_args)
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s; summary JSON in {out}/summary.json")
-    return code
+    return run_demo(args.out, seed=args.seed, seconds=args.seconds, partitions=args.partitions, offline=args.offline)

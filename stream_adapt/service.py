@@ -89,6 +89,7 @@ class KafkaService:
             self.runner.commit = self._commit_transaction
         self.source.set_listener(self)
         self.restored: list[Any] = []  # RestoreReports, for tests and the summary
+        self.handed_over = (0, 0)  # (open windows, events in them) at the last revocation
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def run(self) -> RunStats:
@@ -123,12 +124,15 @@ class KafkaService:
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         self.runner.commit_now(partitions)
         failpoint("in_revoke")
+        held = self.pipeline.windows.open_events
         windows, entities = self.pipeline.drop_partitions(set(partitions))
+        self.handed_over = (windows, held - self.pipeline.windows.open_events)
         self.runner.forget(partitions)
         log.info(
-            "revoked %s: committed, handed over %d open windows and %d entities",
+            "revoked %s: committed, handed over %d open windows (%d events, re-read by the next owner) and %d entities",
             sorted(p for _, p in partitions),
             windows,
+            self.handed_over[1],
             entities,
         )
 
