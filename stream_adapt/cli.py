@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, default=4, help="partitions of the demo topics")
     p.add_argument("--offline", action="store_true", help="no broker: file source and directory sink")
 
+    p = sub.add_parser("audit", help="prove from the topics that no feedback was lost or applied twice")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    _add_config_args(p)
+
     p = sub.add_parser("topics", help="Kafka topics of the service")
     sp = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
     t = sp.add_parser("create", help="create the input, model, adaptation-log and dead-letter topics")
@@ -195,6 +199,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     handler = {
+        "audit": commands.audit,
         "topics": commands.topics,
         "synth": commands.synth,
         "pretrain": commands.pretrain,

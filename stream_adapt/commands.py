@@ -10,6 +10,7 @@ import dataclasses
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from stream_adapt.learning.pipeline import Pipeline
     from stream_adapt.learning.stats import RunStats
 
-__all__ = ["config_reference", "config_show", "demo", "export_schemas", "pretrain", "run", "synth", "topics"]
+__all__ = ["audit", "config_reference", "config_show", "demo", "export_schemas", "pretrain", "run", "synth", "topics"]
 
 
 def export_schemas(directory: Path) -> list[Path]:
@@ -185,13 +186,31 @@ def _run_kafka(args: argparse.Namespace, settings: Settings) -> int:
 
     model = load_any_model(args.model, args.model_plugin, settings)
     runtime.tune(settings.pipeline.adapt.threads)
-    service = KafkaService(settings, model)
+    waiting = threading.Event()
+    _install_stop_handlers(waiting.set)
+    service = KafkaService.connect(settings, model, stop=waiting)
+    if service is None:  # stopped while waiting for Kafka
+        return 0
     if not args.quiet:
         service.runner.observers.append(ProgressPrinter(service.runner.stats, every_s=10.0))
     _install_stop_handlers(service.stop)
     stats = service.run()
     _finish(stats, service.pipeline, model, args.summary_json)
     return 0
+
+
+def audit(args: argparse.Namespace) -> int:
+    from stream_adapt.audit import audit as run_audit
+    from stream_adapt.cli import overrides_from_args
+
+    settings = load_settings(args.config, overrides_from_args(args))
+    report = run_audit(settings.kafka, settings.pipeline.events.learn_types).as_dict()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print("audit: " + ("OK" if report["ok"] else "FAILED"), file=sys.stderr)
+    return 0 if report["ok"] else 1
 
 
 def topics(args: argparse.Namespace) -> int:

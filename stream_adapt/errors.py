@@ -16,3 +16,7 @@ class ConfigError(StreamAdaptError):
 
 class ModelLoadError(StreamAdaptError):
     """A model directory or a received adapter could not be loaded safely."""
+
+
+class KafkaUnavailable(StreamAdaptError):
+    """Kafka could not be reached (yet): worth retrying, unlike a missing topic or a bad credential."""

@@ -54,6 +54,7 @@ class Runner:
     stats: RunStats = field(default_factory=RunStats)
     pending: dict[TopicPartition, int] = field(default_factory=dict)  # next offset per partition handled
     _last_commit: float = 0.0
+    _dirty: bool = False  # batches handled since the last commit
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch, flush, commit and return."""
@@ -88,6 +89,7 @@ class Runner:
         return self.stats
 
     def _handle(self, result: BatchResult) -> None:
+        self._dirty = True
         self.sink.publish(result)
         self.stats.add(result)
         for observe in self.observers:
@@ -109,10 +111,13 @@ class Runner:
         if not self.sink.flush(self.options.flush_timeout_s):
             log.warning("sink did not confirm delivery within %.0fs; not committing", self.options.flush_timeout_s)
             return False
-        failpoint("after_publish")
         if offsets:
+            if self._dirty:
+                failpoint("after_publish")
             self.source.commit(offsets)
-            failpoint("after_commit")
+            if self._dirty:
+                failpoint("after_commit")
+        self._dirty = False
         return True
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from stream_adapt.config import Settings
+from stream_adapt.errors import KafkaUnavailable
 from stream_adapt.faults import failpoint
 from stream_adapt.io.changelog import GlobalFollower, restore_pipeline
 from stream_adapt.io.kafka import KafkaSink, KafkaSource
@@ -65,12 +67,8 @@ class KafkaService:
         self.name = name or instance_name()
         kafka = settings.kafka
         self.pipeline = Pipeline(model, settings.pipeline)
-        self.source = KafkaSource(
-            kafka,
-            client_id=f"stream-adapt-{self.name}",
-            stats_interval_ms=self.options.stats_interval_ms,
-            overrides=self.options.consumer_overrides,
-        )
+        # The sink first: it checks that Kafka answers and the topics exist. A consumer made before a
+        # failed check would stay subscribed and hold partitions in the group.
         transactional_id = f"stream-adapt-{kafka.group}-{self.name}" if kafka.exactly_once else None
         self.sink = KafkaSink(
             kafka,
@@ -78,6 +76,16 @@ class KafkaService:
             transactional_id=transactional_id,
             overrides=self.options.producer_overrides,
         )
+        try:
+            self.source = KafkaSource(
+                kafka,
+                client_id=f"stream-adapt-{self.name}",
+                stats_interval_ms=self.options.stats_interval_ms,
+                overrides=self.options.consumer_overrides,
+            )
+        except BaseException:
+            self.sink.close()
+            raise
         self.follower = GlobalFollower(kafka, kafka.model_topic)
         run_options = RunOptions(
             batch_size=settings.batch_size, poll_timeout_s=settings.poll_timeout_s, drain_at_end=False
@@ -90,6 +98,35 @@ class KafkaService:
         self.source.set_listener(self)
         self.restored: list[Any] = []  # RestoreReports, for tests and the summary
         self.handed_over = (0, 0)  # (open windows, events in them) at the last revocation
+
+    @classmethod
+    def connect(
+        cls,
+        settings: Settings,
+        model: AdaptableModel,
+        *,
+        stop: threading.Event | None = None,
+        max_wait_s: float | None = None,
+        **kwargs: Any,
+    ) -> KafkaService | None:
+        """Build the service, waiting for Kafka while it cannot be reached (deploy order, an outage).
+
+        Retries with backoff (1 s doubling to 30 s) and a clear log line per attempt; a missing topic
+        or a bad credential fails at once. Returns None if `stop` was set while waiting.
+        """
+        stop = stop or threading.Event()
+        delay, waited = 1.0, 0.0
+        while True:
+            try:
+                return cls(settings, model, **kwargs)
+            except KafkaUnavailable as exc:
+                if max_wait_s is not None and waited >= max_wait_s:
+                    raise
+                log.warning("%s; retrying in %.0fs", exc, delay)
+                if stop.wait(delay):
+                    return None
+                waited += delay
+                delay = min(delay * 2, 30.0)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def run(self) -> RunStats:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from kafka_helpers import delete_topics, unique_name
+from kafka_helpers import CuttableLink, delete_topics, unique_name
 
 from stream_adapt.io.admin import TopicSpec, ensure_topics
+from stream_adapt.io.broker import free_port, resolve_tansu_binary
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +73,21 @@ def topic_factory(kafka_bootstrap: str) -> Iterator[TopicFactory]:
 def group_id() -> str:
     """A consumer group name of its own for one test."""
     return unique_name("group")
+
+
+@pytest.fixture
+def broker_behind_link(tmp_path: Path) -> Iterator[tuple[str, CuttableLink]]:
+    """A broker of its own whose clients all go through a `CuttableLink`: (bootstrap, link)."""
+    inner = free_port()
+    link = CuttableLink(inner)
+    bootstrap = f"127.0.0.1:{link.port}"
+    cmd = [resolve_tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{inner}"]
+    cmd += ["--advertised-listener-url", f"tcp://{bootstrap}", "--storage-engine", "memory://tansu/"]
+    with open(tmp_path / "tansu.log", "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        yield bootstrap, link
+    finally:
+        link.close()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)

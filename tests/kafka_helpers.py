@@ -5,7 +5,10 @@ Everything waits by polling a condition against a deadline, never by sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -96,3 +99,68 @@ def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 5.0) -> N
             future.result(timeout=timeout_s + 1)
         except Exception as exc:
             log.warning("could not delete test topic %s: %s", name, exc)
+
+
+class CuttableLink:
+    """A TCP relay in front of a broker that can drop every connection and refuse new ones.
+
+    Restarting Tansu would lose its topics and producer state (memory storage), so an outage is
+    simulated here instead: the broker keeps running and advertises the relay's port to clients.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self._open = True
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._open = False
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # close() alone would not wake a pump blocked in recv()
+                conn.close()
+            self._conns.clear()
+
+    def restore(self) -> None:
+        with self._lock:
+            self._open = True
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if not self._open:
+                    client.close()
+                    continue
+                try:
+                    upstream = socket.create_connection(self._target, timeout=2)
+                except OSError:  # the broker is not listening yet: the client retries
+                    client.close()
+                    continue
+                upstream.settimeout(None)
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()

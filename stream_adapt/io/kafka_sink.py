@@ -33,7 +33,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from stream_adapt.config import KafkaConfig
-from stream_adapt.errors import StreamAdaptError
+from stream_adapt.errors import KafkaUnavailable, StreamAdaptError
 from stream_adapt.events import GLOBAL_ENTITY, DecodeError, SourcePosition
 from stream_adapt.io._kafka_common import HOPELESS_CODES, ClientLog, ErrorLog
 from stream_adapt.io.admin import (
@@ -405,7 +405,7 @@ class KafkaSink:
             # All topics, not one by one: a metadata request naming a topic may auto-create it.
             metadata = self._producer.list_topics(timeout=timeout_s)
         except KafkaException as exc:
-            raise StreamAdaptError(
+            raise KafkaUnavailable(
                 f"cannot reach Kafka at {self._servers} within {timeout_s:g}s: {exc.args[0].str()}"
             ) from None
         counts: dict[str, int] = {}

@@ -7,29 +7,23 @@ of the code under test).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import signal
-import socket
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
-from kafka_helpers import consume_n, consumer_config, producer_config, unique_name, wait_until
+from kafka_helpers import CuttableLink, consume_n, consumer_config, producer_config, unique_name, wait_until
 
 from stream_adapt.config import KafkaConfig, PipelineConfig, WindowConfig
 from stream_adapt.errors import StreamAdaptError
 from stream_adapt.events import GLOBAL_ENTITY, AdaptationRecord, DecodeError, Position, Record
 from stream_adapt.io.admin import default_topic_specs, ensure_topics
-from stream_adapt.io.broker import free_port, resolve_tansu_binary
+from stream_adapt.io.broker import free_port
 from stream_adapt.io.directory import update_headers
 from stream_adapt.io.kafka import KafkaSink, KafkaSource
 from stream_adapt.io.ports import Sink, Source
@@ -396,89 +390,6 @@ def test_sink_fails_fast_naming_an_unreachable_bootstrap() -> None:
     with pytest.raises(StreamAdaptError, match=rf"cannot reach Kafka at {bootstrap} within 3s"):
         KafkaSink(KafkaConfig(bootstrap_servers=bootstrap), connect_timeout_s=3)
     assert time.monotonic() - started < 10
-
-
-class CuttableLink:
-    """A TCP relay in front of a broker that can drop every connection and refuse new ones.
-
-    Restarting Tansu would lose its topics and producer state (memory storage), so an outage is
-    simulated here instead: the broker keeps running and advertises the relay's port to clients.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self._target = ("127.0.0.1", target_port)
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._server.getsockname()[1]
-        self._open = True
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def cut(self) -> None:
-        with self._lock:
-            self._open = False
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)  # close() alone would not wake a pump blocked in recv()
-                conn.close()
-            self._conns.clear()
-
-    def restore(self) -> None:
-        with self._lock:
-            self._open = True
-
-    def close(self) -> None:
-        self.cut()
-        self._server.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                if not self._open:
-                    client.close()
-                    continue
-                try:
-                    upstream = socket.create_connection(self._target, timeout=2)
-                except OSError:  # the broker is not listening yet: the client retries
-                    client.close()
-                    continue
-                upstream.settimeout(None)
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            src.close()
-            dst.close()
-
-
-@pytest.fixture
-def broker_behind_link(tmp_path: Path) -> Iterator[tuple[str, CuttableLink]]:
-    """A broker of its own whose clients all go through a `CuttableLink`: (bootstrap, link)."""
-    inner = free_port()
-    link = CuttableLink(inner)
-    bootstrap = f"127.0.0.1:{link.port}"
-    cmd = [resolve_tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{inner}"]
-    cmd += ["--advertised-listener-url", f"tcp://{bootstrap}", "--storage-engine", "memory://tansu/"]
-    with open(tmp_path / "tansu.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        yield bootstrap, link
-    finally:
-        link.close()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
 
 
 def test_sink_keeps_failed_deliveries_and_sends_them_again(broker_behind_link: tuple[str, CuttableLink]) -> None:

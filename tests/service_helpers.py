@@ -1,0 +1,151 @@
+"""Helpers for tests that run the Kafka service: a tiny pretrained world, topics, in-process members and
+member processes that can be killed with SIGKILL."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kafka_helpers import unique_name
+
+from stream_adapt.config import KafkaConfig, Settings
+from stream_adapt.io.admin import default_topic_specs, ensure_topics
+from stream_adapt.learning.models import load_model, save_model
+from stream_adapt.learning.pretrain import PretrainConfig, pretrain
+from stream_adapt.learning.stats import RunStats
+from stream_adapt.service import KafkaService, ServiceOptions
+from stream_adapt.synth import DEFAULT_CONFIG, generate
+
+#: Group timing for tests: first assignment in ~3 s instead of 23 s.
+FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class World:
+    """A small synthetic world with a pretrained model, shared by the service tests."""
+
+    data: Path
+    model_dir: Path
+
+    @property
+    def live(self) -> Path:
+        return self.data / "live.jsonl"
+
+
+def make_world(root: Path, users: int = 150, items: int = 200) -> World:
+    cfg = dataclasses.replace(DEFAULT_CONFIG, n_users=users, n_items=items, live_events_mean=40.0)
+    data = root / "data"
+    generate(data, cfg, seed=7)
+    from stream_adapt.datasets import load_events
+
+    history, _ = load_events(data / "history.jsonl")
+    model, _ = pretrain(history, PretrainConfig(epochs=4, dim=8, hidden=16))
+    save_model(model, root / "model")
+    return World(data, root / "model")
+
+
+def first_lines(src: Path, dst: Path, n: int) -> Path:
+    with src.open("rb") as f, dst.open("wb") as out:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            out.write(line)
+    return dst
+
+
+def kafka_topics(bootstrap: str, partitions: int = 3) -> KafkaConfig:
+    """A KafkaConfig naming fresh topics (created) and a fresh group."""
+    tag = unique_name("svc")
+    kafka = KafkaConfig(
+        bootstrap_servers=bootstrap,
+        topic=f"{tag}.feedback",
+        model_topic=f"{tag}.models",
+        log_topic=f"{tag}.adaptations",
+        dead_letter_topic=f"{tag}.dead",
+        group=f"{tag}.group",
+    )
+    ensure_topics(bootstrap, default_topic_specs(kafka, partitions, -1), timeout_s=20)
+    return kafka
+
+
+@dataclass
+class Member:
+    """A service running in a thread of the test process (so a test can wait on its exact progress)."""
+
+    service: KafkaService
+    thread: threading.Thread
+    errors: list[BaseException] = field(default_factory=list)
+
+    @property
+    def stats(self) -> RunStats:
+        return self.service.runner.stats
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.service.stop()
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "member did not stop in time"
+        if self.errors:
+            raise self.errors[0]
+
+
+def start_member(world: World, kafka: KafkaConfig, name: str, **pipeline: Any) -> Member:
+    model = load_model(world.model_dir)
+    settings = Settings(kafka=kafka, pipeline=pipeline or {}, batch_size=500, poll_timeout_s=0.2)
+    options = ServiceOptions(consumer_overrides=FAST_GROUP, stats_interval_ms=1000)
+    return run_member(KafkaService(settings, model, options=options, name=name), name)
+
+
+def run_member(service: KafkaService, name: str) -> Member:
+    """Run a built service in a thread of the test process."""
+    member = Member(service, threading.Thread(target=lambda: None))
+
+    def run() -> None:
+        try:
+            service.run()
+        except BaseException as exc:
+            member.errors.append(exc)
+
+    member.thread = threading.Thread(target=run, name=f"member-{name}", daemon=True)
+    member.thread.start()
+    return member
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def member_process(
+    world: World, kafka: KafkaConfig, log_path: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`stream-adapt run --source kafka --sink kafka` as a child process (kill -9 needs a process)."""
+    cmd = [
+        sys.executable, "-m", "stream_adapt", "run", "--model", str(world.model_dir), "--source", "kafka",
+        "--sink", "kafka", "--quiet", "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.topic,
+        "--model-topic", kafka.model_topic, "--group", kafka.group, "--batch-size", "500",
+        "--set", f'kafka.log_topic="{kafka.log_topic}"',
+        "--set", f'kafka.dead_letter_topic="{kafka.dead_letter_topic}"',
+        "--set", 'kafka.extra={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}',
+    ]  # fmt: skip
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout_s)
