@@ -164,7 +164,7 @@ class AdaptationRecord(BaseModel):
     loss_after: float | None
     event_time_first: float | None
     event_time_last: float | None
-    created_at: float
+    created_at: float = Field(description="Wall time the window closed (seconds since the epoch).")
 
 
 class ModelUpdate(BaseModel):

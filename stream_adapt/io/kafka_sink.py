@@ -34,7 +34,7 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from stream_adapt.config import KafkaConfig
 from stream_adapt.errors import KafkaUnavailable, StreamAdaptError
-from stream_adapt.events import GLOBAL_ENTITY, DecodeError, SourcePosition
+from stream_adapt.events import GLOBAL_ENTITY, DecodeError, ModelUpdate, SourcePosition
 from stream_adapt.io._kafka_common import HOPELESS_CODES, ClientLog, ErrorLog
 from stream_adapt.io.admin import (
     DEAD_LETTER_MAX_MESSAGE_BYTES,
@@ -72,6 +72,8 @@ class _Outgoing:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    update: ModelUpdate | None = None  # for model-topic messages: told to `on_update_delivered`
+    produced_at: float = 0.0  # wall time of the last produce() call
 
 
 class KafkaSink:
@@ -134,6 +136,8 @@ class KafkaSink:
         """Messages confirmed by the brokers, per topic."""
         self.failures: Counter[tuple[str, str]] = Counter()
         """Failed deliveries and refused messages, per (topic, reason); failed ones are resent."""
+        self.on_update_delivered: list[Callable[[ModelUpdate, float], None]] = []
+        """Called with (update, wall time) when the brokers confirm a model update (freshness metrics)."""
         try:
             self._partitions = self._fetch_partitions(connect_timeout_s)
             if self._transactional:
@@ -286,6 +290,7 @@ class KafkaSink:
             headers = [(k, v.encode()) for k, v in update_headers(upd).items()]
             partition = self._partition(topic, upd.entity, upd.update.positions)
             msg = self._message(topic, partition, upd.entity.encode(), upd.payload, headers)
+            msg.update = upd.update
             if self._fits(msg, f"update {upd.entity} v{upd.update.version}"):
                 yield msg
 
@@ -346,6 +351,7 @@ class KafkaSink:
     def _produce(self, msg: _Outgoing) -> bool:
         """False if the queue is full; refused messages are counted and dropped."""
         self._inflight[msg.seq] = msg
+        msg.produced_at = time.time()
         try:
             self._producer.produce(
                 msg.topic,
@@ -368,12 +374,18 @@ class KafkaSink:
             raise StreamAdaptError(f"cannot produce to {msg.topic}[{msg.partition}]: {err.str()}") from exc
         return True
 
-    def _on_delivery(self, seq: int, err: KafkaError | None, _msg: Message) -> None:
+    def _on_delivery(self, seq: int, err: KafkaError | None, msg: Message) -> None:
         out = self._inflight.pop(seq, None)
         if out is None:  # purged or aborted
             return
         if err is None:
             self.delivered[out.topic] += 1
+            if out.update is not None and self.on_update_delivered:
+                # The broker's acknowledgement time, not when this callback is served (at the next poll).
+                latency = msg.latency()
+                acked_at = out.produced_at + latency if latency is not None else time.time()
+                for observe in self.on_update_delivered:
+                    observe(out.update, acked_at)
             return
         self.failures[(out.topic, _reason(err))] += 1
         if err.code() in _PERMANENT_CODES:

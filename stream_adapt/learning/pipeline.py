@@ -473,7 +473,7 @@ class Pipeline:
             loss_after=finite_or_none(loss_after),
             event_time_first=shots[0].timestamp,
             event_time_last=shots[-1].timestamp,
-            created_at=time.time(),
+            created_at=window.closed_at or time.time(),  # when the window closed
         )
 
 

@@ -14,6 +14,7 @@ source may only commit below it, so a crash re-reads those events instead of los
 from __future__ import annotations
 
 import heapq
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Window:
     shots: list[Shot] = field(default_factory=list)
     first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # per partition
     last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    closed_at: float | None = None  # wall time when it left the store (for latency: closed -> delivered)
 
     def split(self, cfg: WindowConfig) -> tuple[list[Shot], list[Shot]]:
         """(support, query): the last Q*n/K shots (rounded, at least 1) of n are the query."""
@@ -167,5 +169,6 @@ class WindowStore:
         self._offset_heaps = heaps
 
     def _forget(self, window: Window) -> None:
+        window.closed_at = time.time()
         del self._by_seq[window.seq]
         self.open_events -= len(window.shots)
