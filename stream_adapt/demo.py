@@ -32,7 +32,14 @@ def _prepare(out: Path, seed: int, n: int, total: int) -> tuple[Path, Path]:
 
     data, model_dir = out / "data", out / "model"
     _step(n, total, f"synthetic feedback with cold users, preference drift and a few invalid records -> {data}/")
-    commands.synth(argparse.Namespace(out=data, seed=seed, users=None, items=None))
+    from stream_adapt.synth import DEFAULT_CONFIG, generate
+
+    world = generate(data, DEFAULT_CONFIG, seed=seed)
+    print(
+        f"  {world.n_users} users ({world.n_cold_users} cold), {world.n_items} items; history {world.history_events} "
+        f"events, live {world.live_lines} ({world.n_drifted_users} users change taste half-way, "
+        f"{world.n_invalid} invalid records)"
+    )
     _step(n + 1, total, f"pretraining the base recommender on {data}/history.jsonl -> {model_dir}/")
     commands.pretrain(
         argparse.Namespace(
