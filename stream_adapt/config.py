@@ -88,11 +88,16 @@ class AdaptConfig(_Frozen):
     optimizer: Literal["sgd", "adam"] = Field(
         "sgd", description="SGD: steps scale with the error, so drifted entities move far and others little."
     )
-    lr: float = Field(0.02, gt=0, le=10, description="Adaptation learning rate.")
-    lr_scale: dict[str, float] = Field(
-        default_factory=lambda: {"bias": 3.0},
-        description="Per adapter tensor: learning-rate multiplier (a bias is one well-determined number; "
-        "an embedding has many dimensions and few shots).",
+    lr: float | None = Field(
+        None,
+        gt=0,
+        le=10,
+        description="Adaptation learning rate; null: the step sizes the model meta-learned at pretraining, else 0.02.",
+    )
+    lr_scale: dict[str, float] | None = Field(
+        None,
+        description="Per adapter tensor: learning-rate multiplier (a bias is one well-determined number, an "
+        'embedding has many dimensions and few shots); null: the model\'s learned ones, else {"bias": 3}.',
     )
     l2: float = Field(0.01, ge=0, description="Pull toward the starting adapter: l2 * ||theta - theta0||^2.")
     max_batch: int = Field(4096, ge=1, description="At most this many windows per vectorised call.")
@@ -100,6 +105,11 @@ class AdaptConfig(_Frozen):
     threads: int = Field(
         1, ge=0, description="torch intra-op threads (0: torch's default). One is fastest on small shared hosts."
     )
+
+
+#: Step sizes when neither the configuration nor the model (meta-learned) gives them.
+DEFAULT_ADAPT_LR = 0.02
+DEFAULT_LR_SCALE = {"bias": 3.0}
 
 
 class GateConfig(_Frozen):
@@ -185,6 +195,13 @@ class Settings(BaseSettings):
     kafka: KafkaConfig = KafkaConfig()
     batch_size: int = Field(2000, ge=1, description="Records polled per batch.")
     poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for a batch.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics, /healthz and /readyz on this port (0: any free port)."
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics endpoint listens on.")
+    ready_max_lag: int = Field(
+        10_000, ge=0, description="/readyz turns ready once the read lag over the owned partitions is at most this."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from stream_adapt.config import AdaptConfig, GateConfig
+from stream_adapt.config import DEFAULT_ADAPT_LR, DEFAULT_LR_SCALE, AdaptConfig, GateConfig
 from stream_adapt.learning.models import AdaptableModel, Adapter
 
 # Adam constants, identical to torch.optim.Adam's defaults so the reference loop matches.
@@ -71,6 +71,24 @@ def pad_batch(
     return WindowBatch(start, s_idx, s_y, s_m, q_idx, q_y, q_m, shared)
 
 
+def step_size(cfg: AdaptConfig, name: str) -> float:
+    """The learning rate of one adapter tensor: `lr` times its `lr_scale` (defaults when unset)."""
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_ADAPT_LR
+    scale = cfg.lr_scale if cfg.lr_scale is not None else DEFAULT_LR_SCALE
+    return lr * scale.get(name, 1.0)
+
+
+def with_model_step_sizes(cfg: AdaptConfig, model: object) -> AdaptConfig:
+    """`cfg` with unset step sizes taken from the model's meta-learned ones (`config.extra["adapt"]`)."""
+    learned = getattr(getattr(model, "config", None), "extra", {}).get("adapt") or {}
+    update: dict[str, object] = {}
+    if cfg.lr is None and "lr" in learned:
+        update["lr"] = float(learned["lr"])
+    if cfg.lr_scale is None and "lr_scale" in learned:
+        update["lr_scale"] = {str(k): float(v) for k, v in learned["lr_scale"].items()}
+    return cfg.model_copy(update=update) if update else cfg
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Per-row mean over the real (mask 1) entries: [B, K] -> [B]."""
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -105,7 +123,7 @@ def adapt_batched(model: AdaptableModel, batch: WindowBatch, cfg: AdaptConfig) -
         with torch.no_grad():
             for name, g in zip(names, grads, strict=True):
                 p = theta[name]
-                lr = cfg.lr * cfg.lr_scale.get(name, 1.0)
+                lr = step_size(cfg, name)
                 if cfg.optimizer == "sgd":
                     p.sub_(lr * g)
                 else:
@@ -129,12 +147,12 @@ def adapt_loop(model: AdaptableModel, batch: WindowBatch, cfg: AdaptConfig) -> A
         s_idx, s_y = batch.support_idx[b : b + 1, :n_s], batch.support_y[b : b + 1, :n_s]
         start = {k: v[b : b + 1].detach() for k, v in batch.start.items()}
         params: Adapter = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
-        groups = [{"params": [p], "lr": cfg.lr * cfg.lr_scale.get(k, 1.0)} for k, p in params.items()]
+        groups = [{"params": [p], "lr": step_size(cfg, k)} for k, p in params.items()]
         opt: torch.optim.Optimizer
         if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=cfg.lr)
+            opt = torch.optim.SGD(groups)
         else:
-            opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(BETA1, BETA2), eps=EPS)
+            opt = torch.optim.Adam(groups, betas=(BETA1, BETA2), eps=EPS)
         for _ in range(cfg.steps):
             opt.zero_grad()
             loss = ((model.predict(params, s_idx, batch.shared) - s_y) ** 2).mean()

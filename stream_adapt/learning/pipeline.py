@@ -33,7 +33,7 @@ from stream_adapt.events import (
     decode,
     finite_or_none,
 )
-from stream_adapt.learning.adapt import adapt_batched, gate, pad_batch, query_errors
+from stream_adapt.learning.adapt import adapt_batched, gate, pad_batch, query_errors, with_model_step_sizes
 from stream_adapt.learning.drift import DriftMonitor
 from stream_adapt.learning.models import AdaptableModel, Adapter
 from stream_adapt.learning.state import AdapterTable
@@ -88,6 +88,8 @@ class Pipeline:
 
     def __init__(self, model: AdaptableModel, config: PipelineConfig, table: AdapterTable | None = None):
         self.model = model
+        # Step sizes the configuration leaves unset come from the model (meta-learned at pretraining).
+        config = config.model_copy(update={"adapt": with_model_step_sizes(config.adapt, model)})
         self.cfg = config
         self.table = table or AdapterTable(model.adapter_spec())
         self.windows = WindowStore(config.window)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stream_adapt.events import FeedbackEvent
+from stream_adapt.learning.meta import MetaConfig, MetaReport, meta_learn_init
 from stream_adapt.learning.models import EntityKind, NeuralRecommender, RecommenderConfig, freeze
 
 
@@ -35,6 +36,7 @@ class PretrainConfig:
     counterpart_dropout: float = 0.02
     val_fraction: float = 0.1
     seed: int = 0
+    meta: MetaConfig | None = None  # also meta-learn the cold-start adapter and step sizes (learning/meta.py)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class PretrainReport:
     val_mae: float
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    meta: MetaReport | None = None
 
 
 def _errors(model: NeuralRecommender, u: torch.Tensor, i: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -136,6 +139,9 @@ def pretrain(
             best = (score, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[2])
     freeze(model)
+    meta_report = None
+    if cfg.meta is not None:
+        meta_report = meta_learn_init(model, train, cfg.meta, progress)
     train_rmse, _ = _errors(model, tu, ti, ty)
     val_rmse, val_mae = _errors(model, vu, vi, vy)
     report = PretrainReport(
@@ -150,5 +156,6 @@ def pretrain(
         val_mae=val_mae,
         seconds=time.perf_counter() - t0,
         history=history,
+        meta=meta_report,
     )
     return model, report
