@@ -194,6 +194,8 @@ class KafkaService:
                 self.source.resume_all()
 
     def _commit_transaction(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        # No eager begin() after it: `publish` opens the next transaction when there is something to send.
+        # An eager one was left open at every clean shutdown, aborted by `sink.close` with a warning that
+        # the input offsets were not committed (they were).
         self.sink.commit(offsets, self.source.group_metadata())
-        self.sink.begin()
         return True

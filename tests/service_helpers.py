@@ -17,8 +17,10 @@ from typing import Any
 
 from kafka_helpers import unique_name
 
+from stream_adapt.audit import audit
 from stream_adapt.config import KafkaConfig, Settings
 from stream_adapt.io.admin import default_topic_specs, ensure_topics
+from stream_adapt.io.changelog import read_to_end
 from stream_adapt.learning.models import load_model, save_model
 from stream_adapt.learning.pretrain import PretrainConfig, pretrain
 from stream_adapt.learning.stats import RunStats
@@ -98,11 +100,24 @@ class Member:
             raise self.errors[0]
 
 
-def start_member(world: World, kafka: KafkaConfig, name: str, **pipeline: Any) -> Member:
+def make_service(
+    world: World,
+    kafka: KafkaConfig,
+    name: str,
+    *,
+    options: ServiceOptions | None = None,
+    batch_size: int = 500,
+    **pipeline: Any,
+) -> KafkaService:
+    """A service for an in-process member (fast group timing unless `options` say otherwise), not started."""
     model = load_model(world.model_dir)
-    settings = Settings(kafka=kafka, pipeline=pipeline or {}, batch_size=500, poll_timeout_s=0.2)
-    options = ServiceOptions(consumer_overrides=FAST_GROUP, stats_interval_ms=1000)
-    return run_member(KafkaService(settings, model, options=options, name=name), name)
+    settings = Settings(kafka=kafka, pipeline=pipeline or {}, batch_size=batch_size, poll_timeout_s=0.2)
+    options = options or ServiceOptions(consumer_overrides=FAST_GROUP, stats_interval_ms=1000)
+    return KafkaService(settings, model, options=options, name=name)
+
+
+def start_member(world: World, kafka: KafkaConfig, name: str, **pipeline: Any) -> Member:
+    return run_member(make_service(world, kafka, name, **pipeline), name)
 
 
 def run_member(service: KafkaService, name: str) -> Member:
@@ -149,3 +164,37 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout_s)
+
+
+def partition_ends(kafka: KafkaConfig) -> dict[int, int]:
+    """Next offset after the last record, per input partition (read, not asked: see KAFKA_LOCAL.md)."""
+    ends: dict[int, int] = {}
+    for msg in read_to_end(kafka, kafka.topic, None, timeout_s=30):
+        partition, offset = msg.partition(), msg.offset()
+        assert partition is not None and offset is not None  # a consumed record has both
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+    return ends
+
+
+def logged_count(kafka: KafkaConfig) -> int:
+    """Records in the adaptation log (outcomes published so far)."""
+    return sum(1 for _ in read_to_end(kafka, kafka.log_topic, None, timeout_s=30))
+
+
+def caught_up(members: list[Member], kafka: KafkaConfig, ends: dict[int, int]) -> bool:
+    """Every partition processed to its end by the member that owns it now."""
+    done: dict[int, int] = {}
+    for m in members:
+        owned = {p for _, p in m.service.source.assignment}
+        for (topic, p), nxt in list(m.service.runner.pending.items()):
+            if topic == kafka.topic and p in owned:
+                done[p] = max(done.get(p, 0), nxt)
+    return all(end == 0 or done.get(p, 0) >= end for p, end in ends.items())
+
+
+def ok_audit(kafka: KafkaConfig) -> dict[str, Any]:
+    """Run the audit and fail the test unless it passes; returns its summary."""
+    report = audit(kafka, timeout_s=60)
+    summary = report.as_dict()
+    assert report.ok, summary
+    return summary

@@ -17,19 +17,21 @@ import pytest
 from kafka_helpers import CuttableLink
 from service_helpers import (
     FAST_GROUP,
-    Member,
     World,
+    caught_up,
     first_lines,
     kafka_topics,
+    logged_count,
     make_world,
     member_process,
+    ok_audit,
+    partition_ends,
     run_member,
     start_member,
     stop_process,
     wait_for,
 )
 
-from stream_adapt.audit import audit
 from stream_adapt.config import KafkaConfig, Settings
 from stream_adapt.io.changelog import read_to_end
 from stream_adapt.learning.models import load_model
@@ -47,13 +49,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 def _events(world: World, tmp_path: Path, n: int) -> Path:
     return first_lines(world.live, tmp_path / "live.jsonl", n)
-
-
-def _ok_audit(kafka: KafkaConfig) -> dict:
-    report = audit(kafka, timeout_s=60)
-    summary = report.as_dict()
-    assert report.ok, summary
-    return summary
 
 
 def test_events_in_updates_out_with_lineage_a_complete_log_and_dead_letters_with_headers(
@@ -91,7 +86,7 @@ def test_events_in_updates_out_with_lineage_a_complete_log_and_dead_letters_with
         assert headers["stream-adapt-source-topic"] == kafka.topic
         assert int(headers["stream-adapt-source-offset"]) >= 0
 
-    summary = _ok_audit(kafka)
+    summary = ok_audit(kafka)
     assert summary["records"] == sent
     assert summary["pending"] < sent * 0.2  # almost everything was used; only open windows are pending
 
@@ -114,17 +109,17 @@ def test_a_member_killed_at_any_point_loses_nothing_and_applies_nothing_twice_af
     proc = member_process(world, kafka, log_path, env={"STREAM_ADAPT_FAILPOINTS": failpoint})
     if failpoint.startswith("in_revoke"):
         wait_for(lambda: b"assigned" in log_path.read_bytes() or proc.poll() is not None, 60, "the member to start")
-        wait_for(lambda: _logged(kafka) > 0 or proc.poll() is not None, 60, "the member to log outcomes")
+        wait_for(lambda: logged_count(kafka) > 0 or proc.poll() is not None, 60, "the member to log outcomes")
         stop_process(proc, timeout_s=30) if proc.poll() is None else None
     assert proc.wait(90) == -9, log_path.read_text()[-3000:]
 
     # A new member restarts from the committed offsets and the model topic.
-    ends = _ends(kafka)
+    ends = partition_ends(kafka)
     member = start_member(world, kafka, "restarted")
-    wait_for(lambda: _caught_up([member], kafka, ends), 90, "the restarted member to reach the end")
+    wait_for(lambda: caught_up([member], kafka, ends), 90, "the restarted member to reach the end")
     member.stop()
     assert member.stats.already_applied > 0 or failpoint.startswith("mid_batch"), member.service.restored
-    summary = _ok_audit(kafka)
+    summary = ok_audit(kafka)
     assert summary["records"] == sent
 
 
@@ -146,8 +141,8 @@ def test_two_members_split_the_partitions_and_one_continues_the_others_lineage(
     )
     first = _events(world, tmp_path, 2500)
     sent = replay_file(first, kafka).sent
-    ends = _ends(kafka)
-    wait_for(lambda: _caught_up([a, b], kafka, ends), 90, "a and b to reach the end")
+    ends = partition_ends(kafka)
+    wait_for(lambda: caught_up([a, b], kafka, ends), 90, "a and b to reach the end")
     b_partitions = {p for _, p in b.service.source.assignment}
     # each entity was adapted by one owner: its updates all sit on one partition
     before = _versions_by_entity(kafka)
@@ -158,8 +153,8 @@ def test_two_members_split_the_partitions_and_one_continues_the_others_lineage(
     rest = tmp_path / "rest.jsonl"
     rest.write_bytes(b"".join(world.live.read_bytes().splitlines(keepends=True)[2500:6000]))
     sent += replay_file(rest, kafka).sent
-    ends = _ends(kafka)
-    wait_for(lambda: _caught_up([a], kafka, ends), 90, "a to reach the end of every partition")
+    ends = partition_ends(kafka)
+    wait_for(lambda: caught_up([a], kafka, ends), 90, "a to reach the end of every partition")
     a.stop()
 
     after = _versions_by_entity(kafka)
@@ -172,7 +167,7 @@ def test_two_members_split_the_partitions_and_one_continues_the_others_lineage(
     for entity in continued:
         versions = after[entity][0]
         assert versions == list(range(1, len(versions) + 1))  # b's lineage continued, no repeat, no gap
-    _ok_audit(kafka)
+    ok_audit(kafka)
 
 
 def test_a_member_started_before_kafka_is_reachable_waits_with_clear_log_lines_then_works(
@@ -199,10 +194,10 @@ def test_a_member_started_before_kafka_is_reachable_waits_with_clear_log_lines_t
     connecting.join(60)
     assert made and made[0] is not None
     member = run_member(made[0], "late")
-    ends = _ends(kafka)
-    wait_for(lambda: _caught_up([member], kafka, ends), 90, "the member to reach the end")
+    ends = partition_ends(kafka)
+    wait_for(lambda: caught_up([member], kafka, ends), 90, "the member to reach the end")
     member.stop()
-    assert _ok_audit(kafka)["records"] == sent
+    assert ok_audit(kafka)["records"] == sent
 
 
 def test_an_outage_longer_than_the_session_loses_nothing_and_the_member_carries_on(
@@ -216,8 +211,8 @@ def test_an_outage_longer_than_the_session_loses_nothing_and_the_member_carries_
     sent = replay_file(tmp_path / "a.jsonl", kafka).sent
     caplog.set_level(logging.WARNING, logger="stream_adapt")
     member = start_member(world, kafka, "survivor")
-    ends = _ends(kafka)
-    wait_for(lambda: _caught_up([member], kafka, ends), 90, "the member to reach the end")
+    ends = partition_ends(kafka)
+    wait_for(lambda: caught_up([member], kafka, ends), 90, "the member to reach the end")
     link.cut()
     wait_for(lambda: f"cannot reach Kafka at {bootstrap}" in caplog.text, 30, "a clear 'cannot reach' warning")
     deadline = time.monotonic() + 8  # longer than session.timeout.ms (6 s): the group drops the member
@@ -225,33 +220,10 @@ def test_an_outage_longer_than_the_session_loses_nothing_and_the_member_carries_
     assert member.thread.is_alive() and not member.errors
     link.restore()
     sent += replay_file(tmp_path / "b.jsonl", kafka).sent
-    ends = _ends(kafka)
-    wait_for(lambda: _caught_up([member], kafka, ends), 120, "the member to carry on after the outage")
+    ends = partition_ends(kafka)
+    wait_for(lambda: caught_up([member], kafka, ends), 120, "the member to carry on after the outage")
     member.stop()
-    assert _ok_audit(kafka)["records"] == sent
-
-
-def _ends(kafka: KafkaConfig) -> dict[int, int]:
-    """Next offset after the last record, per input partition (read, not asked: see KAFKA_LOCAL.md)."""
-    ends: dict[int, int] = {}
-    for msg in read_to_end(kafka, kafka.topic, None, timeout_s=30):
-        ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
-    return ends
-
-
-def _logged(kafka: KafkaConfig) -> int:
-    return sum(1 for _ in read_to_end(kafka, kafka.log_topic, None, timeout_s=30))
-
-
-def _caught_up(members: list[Member], kafka: KafkaConfig, ends: dict[int, int]) -> bool:
-    """Every partition processed to its end by the member that owns it now."""
-    done: dict[int, int] = {}
-    for m in members:
-        owned = {p for _, p in m.service.source.assignment}
-        for (topic, p), nxt in list(m.service.runner.pending.items()):
-            if topic == kafka.topic and p in owned:
-                done[p] = max(done.get(p, 0), nxt)
-    return all(end == 0 or done.get(p, 0) >= end for p, end in ends.items())
+    assert ok_audit(kafka)["records"] == sent
 
 
 def _versions_by_entity(kafka: KafkaConfig) -> dict[str, tuple[list[int], set[int]]]:
