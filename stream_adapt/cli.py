@@ -38,6 +38,8 @@ SHORTCUTS: dict[str, str] = {
     "model_topic": "kafka.model_topic",
     "group": "kafka.group",
     "exactly_once": "kafka.exactly_once",
+    "instance_id": "instance_id",
+    "metrics_port": "metrics_port",
 }
 
 
@@ -97,6 +99,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     k.add_argument(
         "--exactly-once", action="store_const", const=True, help="outputs and offsets in one Kafka transaction"
     )
+    k.add_argument("--instance-id", help="this member's name (default: host name; distinct per member on one host)")
+    k.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port (0: any free)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +127,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--lora-rank", type=int, default=0, help="per-entity low-rank delta on the head (0: off)")
+    p.add_argument(
+        "--meta-init",
+        action="store_true",
+        help="also meta-learn the cold-start adapter and step sizes on the history (MAML on the adapter)",
+    )
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "evaluate", help="score adaptation against baselines on an event log (prequential, cold-start, MeLU)"
+    )
+    p.add_argument("--events", type=Path, required=True, help="event log (JSONL, CSV, MovieLens formats, .gz)")
+    p.add_argument("--format", default="auto", help="jsonl, csv, movielens, ml-latest, recbole or auto")
+    p.add_argument("--protocol", required=True, choices=["prequential", "cold-start", "melu"])
+    p.add_argument("--report", type=Path, required=True, help="directory for report.json, report.md and PNG plots")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    # dest names of their own: `shots` and `batch_size` are shortcut flags of `run` (see SHORTCUTS)
+    p.add_argument(
+        "--shots", dest="eval_shots", metavar="K,...", default="1,3,5,10", help="cold-start: support sizes K"
+    )
+    p.add_argument("--pretrain-fraction", type=float, default=0.5, help="prequential: share of the log that pretrains")
+    p.add_argument("--cold-fraction", type=float, default=0.2, help="cold-start: share of users, latest arrivals")
+    p.add_argument(
+        "--batch-size",
+        dest="eval_batch_size",
+        metavar="N",
+        type=int,
+        default=1000,
+        help="records per pipeline batch (plot bin)",
+    )
+    p.add_argument(
+        "--pretrain-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a PretrainConfig field, VALUE as JSON, e.g. --pretrain-set epochs=8 (repeatable)",
+    )
+    p.add_argument(
+        "--meta-init",
+        action="store_true",
+        help="pretrain with the meta-learned cold start (= --pretrain-set 'meta={}')",
+    )
+    p.add_argument("--no-plots", action="store_true", help="write report.json and report.md only")
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="run the protocol on the test split's warm data only (tune settings here, then test once)",
+    )
+    p.add_argument("--config", type=Path, help="configuration file (TOML or JSON): its pipeline section is used")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. pipeline.adapt.lr=0.05"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
     p = sub.add_parser("run", help="run the service: consume, adapt, publish")
     p.add_argument("--model", type=Path, required=True, help="model directory written by `pretrain`")
@@ -134,7 +188,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
     p.add_argument("--no-drain", action="store_true", help="leave open windows pending at the end of a file")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--start-from",
+        metavar="TIMESTAMP",
+        help="first rewind the group to this record time (ISO-8601 or epoch seconds; as `rewind`); kafka source only",
+    )
     _add_config_args(p)
+
+    p = sub.add_parser("replay", help="produce an event log into a topic: keyed by entity, event-time stamped, paced")
+    p.add_argument("log", type=Path, help="event log (JSONL, CSV, MovieLens formats, .gz)")
+    p.add_argument("--format", default="auto", help="jsonl, csv, movielens, ml-latest, recbole or auto")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="records per second (default: as fast as possible)")
+    pace.add_argument("--speed", type=float, help="X times the log's own pace (60: an hour of events per minute)")
+    p.add_argument("--since", metavar="TIMESTAMP", help="only events at or after this time (ISO-8601 or epoch seconds)")
+    p.add_argument("--until", metavar="TIMESTAMP", help="only events before this time")
+    p.add_argument("--entity", choices=["user", "item"], help="key by this id (default: pipeline.window.entity)")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        default=None,
+        help="hold back lines that fail validation (default: send them; the service dead-letters them)",
+    )
+    p.add_argument("--checkpoint", type=Path, help="checkpoint file (default: LOG.replay-<topic>.json beside the log)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted replay; nothing is sent twice")
+    again.add_argument("--restart", action="store_true", help="drop an unfinished checkpoint; send the whole log again")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--config", type=Path, help="configuration file (TOML or JSON): its kafka section is used")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. kafka.extra=...")
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (host:port,...)")
+    p.add_argument("--topic", help="topic to produce to (default: kafka.topic)")
+
+    p = sub.add_parser("rewind", help="move a stopped consumer group's offsets to a point in record time")
+    p.add_argument("--to", required=True, metavar="TIMESTAMP", help="ISO-8601 or epoch seconds: first record at/after")
+    p.add_argument("--dry-run", action="store_true", help="show the offsets it would set; move nothing")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds allowed for each Kafka request (default 30)")
+    p.add_argument("--config", type=Path, help="configuration file (TOML or JSON): its kafka section is used")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. kafka.extra=...")
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (host:port,...)")
+    p.add_argument("--topic", help="the group's input topic (default: kafka.topic)")
+    p.add_argument("--group", help="the consumer group (default: kafka.group)")
 
     p = sub.add_parser("demo", help="embedded broker, synthetic data, pretrain, stream it through the service, summary")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (default demo-out)")
@@ -142,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="spread the live stream over this long (0: flat out)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of the demo topics")
     p.add_argument("--offline", action="store_true", help="no broker: file source and directory sink")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics during the run (default: any free port)")
 
     p = sub.add_parser("audit", help="prove from the topics that no feedback was lost or applied twice")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -205,5 +300,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "pretrain": commands.pretrain,
         "run": commands.run,
         "demo": commands.demo,
+        "replay": commands.replay,
+        "rewind": commands.rewind,
+        "evaluate": commands.evaluate,
     }[args.command]
     return handler(args)

@@ -193,6 +193,11 @@ class Settings(BaseSettings):
 
     pipeline: PipelineConfig = PipelineConfig()
     kafka: KafkaConfig = KafkaConfig()
+    instance_id: str | None = Field(
+        None,
+        description="This member's name (client.id, transactional.id); default: the host name. Members "
+        "sharing a host need distinct ones.",
+    )
     batch_size: int = Field(2000, ge=1, description="Records polled per batch.")
     poll_timeout_s: float = Field(0.5, gt=0, description="Longest wait for a batch.")
     metrics_port: int | None = Field(

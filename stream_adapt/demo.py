@@ -50,11 +50,21 @@ def _prepare(out: Path, seed: int, n: int, total: int) -> tuple[Path, Path]:
     return data, model_dir
 
 
-def run_demo(out: Path, *, seed: int = 0, seconds: float = 20.0, partitions: int = 4, offline: bool = False) -> int:
+def run_demo(
+    out: Path,
+    *,
+    seed: int = 0,
+    seconds: float = 20.0,
+    partitions: int = 4,
+    offline: bool = False,
+    metrics_port: int | None = 0,
+) -> int:
+    """`metrics_port`: serve /metrics, /healthz and /readyz on loopback while the service runs (0: any
+    free port, None: not at all)."""
     t0 = time.perf_counter()
     if offline:
         return _offline(out, seed, t0)
-    return _kafka(out, seed, seconds, partitions, t0)
+    return _kafka(out, seed, seconds, partitions, t0, metrics_port)
 
 
 def _offline(out: Path, seed: int, t0: float) -> int:
@@ -74,13 +84,14 @@ def _offline(out: Path, seed: int, t0: float) -> int:
     return code
 
 
-def _kafka(out: Path, seed: int, seconds: float, partitions: int, t0: float) -> int:
+def _kafka(out: Path, seed: int, seconds: float, partitions: int, t0: float, metrics_port: int | None) -> int:
     from stream_adapt import runtime
     from stream_adapt.config import KafkaConfig, Settings
     from stream_adapt.io.admin import default_topic_specs, ensure_topics
     from stream_adapt.io.broker import EmbeddedBroker
     from stream_adapt.learning.models import load_model
     from stream_adapt.learning.stats import format_summary
+    from stream_adapt.metrics import Observability
     from stream_adapt.progress import ProgressPrinter
     from stream_adapt.replay import replay_file
     from stream_adapt.service import KafkaService, ServiceOptions
@@ -107,6 +118,11 @@ def _kafka(out: Path, seed: int, seconds: float, partitions: int, t0: float) -> 
         group_timing = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
         service = KafkaService(settings, model, options=ServiceOptions(consumer_overrides=group_timing))
         service.runner.observers.append(ProgressPrinter(service.runner.stats, every_s=2.0))
+        observability = None
+        if metrics_port is not None:
+            observability = Observability(topic=kafka.topic, host="127.0.0.1", port=metrics_port)
+            observability.watch(service)
+            print(f"  metrics at {observability.url} (liveness /healthz, readiness /readyz)")
         failure: list[BaseException] = []
 
         def serve() -> None:
@@ -131,6 +147,8 @@ def _kafka(out: Path, seed: int, seconds: float, partitions: int, t0: float) -> 
         finally:
             service.stop()
             thread.join(60)
+            if observability is not None:
+                observability.close()
         if failure:
             raise StreamAdaptError(f"the service failed: {failure[0]}") from failure[0]
         stats = service.runner.stats

@@ -14,7 +14,6 @@ needs around it:
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_adapt.config import Settings
-from stream_adapt.errors import KafkaUnavailable
+from stream_adapt.errors import KafkaUnavailable, StreamAdaptError
 from stream_adapt.faults import failpoint
 from stream_adapt.io.changelog import GlobalFollower, restore_pipeline
 from stream_adapt.io.kafka import KafkaSink, KafkaSource
@@ -35,9 +34,14 @@ from stream_adapt.runner import Observer, Runner, RunOptions
 log = logging.getLogger(__name__)
 
 
-def instance_name() -> str:
-    """A readable, unique-enough name for this member (client.id, transactional.id suffix)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+def instance_name(settings: Settings | None = None) -> str:
+    """This member's name (client.id, transactional.id suffix): `instance_id`, else the host name.
+
+    Stable across restarts on purpose: with exactly-once, a restarted member with the same
+    transactional.id fences its crashed predecessor and aborts the transaction it left open.
+    """
+    configured = settings.instance_id if settings is not None else None
+    return configured or socket.gethostname()
 
 
 @dataclass
@@ -64,7 +68,7 @@ class KafkaService:
     ) -> None:
         self.settings = settings
         self.options = options or ServiceOptions()
-        self.name = name or instance_name()
+        self.name = name or instance_name(settings)
         kafka = settings.kafka
         self.pipeline = Pipeline(model, settings.pipeline)
         # The sink first: it checks that Kafka answers and the topics exist. A consumer made before a
@@ -159,6 +163,16 @@ class KafkaService:
         log.info("assigned %s; restored %s", sorted(p for _, p in partitions), report)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        owned = set(self.source.assignment)
+        lost = [tp for tp in partitions if tp not in owned]  # the source forgets lost partitions first
+        if lost and self.settings.kafka.exactly_once:
+            # The open transaction holds outputs of partitions another member may own by now: abort it
+            # and restart from the committed state (in-memory versions may be ahead of what committed).
+            self.sink.abort()
+            raise StreamAdaptError(
+                f"partitions {sorted(p for _, p in lost)} were lost (session expired or fenced); the open "
+                "transaction was aborted; restart the member to restore from the committed state"
+            )
         self.runner.commit_now(partitions)
         failpoint("in_revoke")
         held = self.pipeline.windows.open_events

@@ -271,6 +271,11 @@ class KafkaSink:
                     f"Kafka transactional producer at {self._servers} failed at {what}: {err.name()}: {err.str()}"
                 ) from exc
 
+    def abort(self, timeout_s: float = 10.0) -> None:
+        """Abort the open transaction (exactly-once): none of its messages or offsets will be visible."""
+        if self._in_transaction:
+            self._abort(timeout_s)
+
     def _abort(self, timeout_s: float) -> None:
         try:
             self._producer.abort_transaction(timeout_s)
