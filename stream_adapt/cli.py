@@ -1,8 +1,9 @@
 """The `stream-adapt` command: parses arguments, builds configuration, wires the parts, runs.
 
-Subcommands: synth, pretrain, run, demo, schemas. Configuration for `run` comes from `--config FILE`
-(TOML or JSON), STREAM_ADAPT_* environment variables, `--set section.key=value` and a few shortcut
-flags, in rising precedence. Errors print one clear message and exit non-zero: 2 for usage and
+Subcommands: run, demo, topics, audit, replay, rewind, pretrain, evaluate, synth, config, schemas
+(`stream-adapt COMMAND --help`). Configuration comes from `--config FILE` (TOML or JSON),
+STREAM_ADAPT_* environment variables, `--set section.key=value` and shortcut flags, in rising
+precedence. Errors print one clear message and exit non-zero: 2 for usage and
 configuration, 1 for everything else.
 """
 

@@ -311,6 +311,13 @@ def decode(
         event = event.model_copy(
             update={"event_id": str(event.event_id), "user_id": str(event.user_id), "item_id": str(event.item_id)}
         )
+        # The string branch bounds the length; an integer id of up to 4300 digits would pass unchecked and
+        # be kept as a 4300-character key (dedup cache, windows, detectors): the memory bounds count ids.
+        for name in ("event_id", "user_id", "item_id"):
+            n = len(getattr(event, name))
+            if n > MAX_ID_LENGTH:
+                detail = f"{name}: an integer id of {n} characters is longer than {MAX_ID_LENGTH}"
+                return DecodeError(raw, "id_invalid", detail, position)
     limit = (now or time.time()) + max_future_s
     if event.timestamp > limit:
         detail = f"timestamp: {event.timestamp:.0f} is more than {max_future_s:.0f}s in the future"

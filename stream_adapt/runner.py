@@ -109,7 +109,8 @@ class Runner:
         if self.commit is not None:
             return self.commit(offsets)
         if not self.sink.flush(self.options.flush_timeout_s):
-            log.warning("sink did not confirm delivery within %.0fs; not committing", self.options.flush_timeout_s)
+            # Not always after the whole timeout: flush() returns as soon as what it waited for failed.
+            log.warning("sink did not confirm every delivery (failed ones are resent); not committing")
             return False
         if offsets:
             if self._dirty:

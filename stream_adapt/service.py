@@ -136,18 +136,31 @@ class KafkaService:
     def run(self) -> RunStats:
         log.info("member %s joining group %r on %s", self.name, self.settings.kafka.group, self.settings.kafka.topic)
         try:
-            return self.runner.run()
-        finally:
-            self.close()
+            stats = self.runner.run()
+        except BaseException:
+            try:
+                self.close()
+            except Exception as exc:  # e.g. the final revocation's commit meets the same dead producer
+                log.error("closing after the failure below: %s", exc)
+            raise  # the failure itself, not a second report of it from the close
+        self.close()
+        return stats
 
     def stop(self) -> None:
         self.runner.stop()
 
     def close(self) -> None:
-        """Leave the group and close clients (the runner already committed what was delivered)."""
-        self.source.close()
-        self.sink.close()
-        self.follower.close()
+        """Leave the group and close clients (the runner already committed what was delivered).
+
+        Every client is closed even if closing another raises (leaving the group runs `on_revoke`,
+        whose commit raises when the producer can no longer deliver)."""
+        try:
+            self.source.close()
+        finally:
+            try:
+                self.sink.close()
+            finally:
+                self.follower.close()
 
     # ---- rebalance (called inside poll) ---------------------------------------------------------
     def on_assign(self, partitions: list[TopicPartition]) -> None:

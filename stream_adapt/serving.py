@@ -39,7 +39,7 @@ from stream_adapt.errors import StreamAdaptError
 from stream_adapt.events import GLOBAL_ENTITY
 from stream_adapt.io.changelog import TopicReader, check_update
 from stream_adapt.io.directory import read_updates
-from stream_adapt.learning.models import AdaptableModel, Adapter
+from stream_adapt.learning.models import AdaptableModel, Adapter, served
 from stream_adapt.learning.updates import RejectedUpdate
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class ModelSubscriber:
         else:
             counterparts = model.counterpart_index([user_id]).expand(len(entities)).unsqueeze(1)  # [K, 1]
         with torch.no_grad():
-            scores = model.predict(adapter, counterparts, shared)
+            scores = served(model, model.predict(adapter, counterparts, shared))
         return [float(x) for x in scores.reshape(-1).tolist()]
 
     # ---- the background reader --------------------------------------------------------------------

@@ -4,13 +4,14 @@ member processes that can be killed with SIGKILL."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,16 +145,26 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 
 
 def member_process(
-    world: World, kafka: KafkaConfig, log_path: Path, env: Mapping[str, str] | None = None
+    world: World,
+    kafka: KafkaConfig,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    args: Sequence[str] = (),
+    kafka_extra: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`stream-adapt run --source kafka --sink kafka` as a child process (kill -9 needs a process)."""
+    """`stream-adapt run --source kafka --sink kafka` as a child process (kill -9 needs a process).
+
+    `args` are appended to the command line (a later `--batch-size` wins); `kafka_extra` adds librdkafka
+    keys to the fast group timing (one `kafka.extra` setting holds both)."""
+    extra = json.dumps({"session.timeout.ms": "6000", "heartbeat.interval.ms": "500", **(kafka_extra or {})})
     cmd = [
         sys.executable, "-m", "stream_adapt", "run", "--model", str(world.model_dir), "--source", "kafka",
         "--sink", "kafka", "--quiet", "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.topic,
         "--model-topic", kafka.model_topic, "--group", kafka.group, "--batch-size", "500",
         "--set", f'kafka.log_topic="{kafka.log_topic}"',
         "--set", f'kafka.dead_letter_topic="{kafka.dead_letter_topic}"',
-        "--set", 'kafka.extra={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}',
+        "--set", f"kafka.extra={extra}", *args,
     ]  # fmt: skip
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("ab") as log:

@@ -69,7 +69,7 @@ from stream_adapt.evaluate.protocols import (
 from stream_adapt.evaluate.report import BASELINE_METHODS, Evaluation, ResultRow
 from stream_adapt.events import FeedbackEvent, event_to_json
 from stream_adapt.io.files import FileSource
-from stream_adapt.learning.models import AdaptableModel
+from stream_adapt.learning.models import AdaptableModel, served
 from stream_adapt.learning.pipeline import BatchResult, Pipeline
 from stream_adapt.learning.pretrain import PretrainConfig, PretrainReport, pretrain
 from stream_adapt.learning.state import AdapterTable
@@ -186,15 +186,8 @@ def run_pipeline(
 
 
 def gate_off(cfg: PipelineConfig) -> PipelineConfig:
-    """The ablation: accept every finite adaptation (no improvement needed, no norm bounds).
-
-    Built with `model_copy` on purpose: these values are outside what a deployment may configure
-    (the validators refuse them), which is the point of an ablation, not a setting.
-    """
-    gate = cfg.gate.model_copy(
-        update={"min_improvement": -math.inf, "max_delta_norm": math.inf, "max_adapter_norm": math.inf}
-    )
-    return cfg.model_copy(update={"gate": gate})
+    """The ablation: accept every finite adaptation (`gate.enabled=false`; the norm bounds still apply)."""
+    return cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"enabled": False})})
 
 
 def few_shot_config(base: PipelineConfig, window_shots: int | None) -> PipelineConfig:
@@ -228,7 +221,7 @@ def predict_pairs(
             e_idx = model.entity_index(u)
             adapter = table.gather(model, u, e_idx) if table is not None else model.initial_adapter(e_idx)
             cp = model.counterpart_index(i).unsqueeze(1)
-            out[s : s + len(u)] = model.predict(adapter, cp, shared).squeeze(1).double().numpy()
+            out[s : s + len(u)] = served(model, model.predict(adapter, cp, shared)).squeeze(1).double().numpy()
     return out
 
 

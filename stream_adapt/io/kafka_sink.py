@@ -60,6 +60,10 @@ _QUEUE_FULL_WAIT_S = 0.1
 #: Errors a resend cannot fix: the broker (or librdkafka) refuses the record itself.
 _TOO_LARGE_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
 _PERMANENT_CODES = _TOO_LARGE_CODES | {KafkaError.INVALID_RECORD}
+#: Errors after which this producer instance can deliver nothing more: its producer id or epoch is fenced.
+#: librdkafka reports them per message and not as fatal (seen on Tansu, which answers PRODUCER_FENCED to
+#: every produce after the epoch bump that follows message timeouts): resending would fail forever.
+_FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError._FENCED})
 
 
 @dataclass(slots=True)
@@ -396,7 +400,13 @@ class KafkaSink:
         if err.code() in _PERMANENT_CODES:
             log.error("%s[%d] refused a %d-byte message: %s", out.topic, out.partition, _size(out), err.str())
             return
-        self._errors.error(err)  # e.g. _MSG_TIMED_OUT: logged once per code per few minutes
+        if err.fatal() or err.code() in _FENCED_CODES:
+            # Stop (publish/flush raise) rather than resend through a dead producer forever: a member
+            # stuck that way commits nothing and holds its partitions while looking alive. Its restart
+            # gets a new producer id and re-reads from the committed offsets, which never passed this.
+            self._fatal = self._fatal or err
+        else:
+            self._errors.error(err)  # e.g. _MSG_TIMED_OUT: logged once per code per few minutes
         if self._transactional:  # a failed transaction is aborted as a whole, not patched up
             self._transaction_failures += 1
         else:

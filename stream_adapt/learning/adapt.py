@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from stream_adapt.config import DEFAULT_ADAPT_LR, DEFAULT_LR_SCALE, AdaptConfig, GateConfig
-from stream_adapt.learning.models import AdaptableModel, Adapter
+from stream_adapt.learning.models import AdaptableModel, Adapter, served
 
 # Adam constants, identical to torch.optim.Adam's defaults so the reference loop matches.
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -106,7 +106,7 @@ def _window_losses(model: AdaptableModel, theta: Adapter, start: Adapter, batch:
 def query_errors(model: AdaptableModel, adapter: Adapter, batch: WindowBatch) -> tuple[Tensor, Tensor]:
     """Query MSE and MAE per window: ([B], [B])."""
     with torch.no_grad():
-        err = model.predict(adapter, batch.query_idx, batch.shared) - batch.query_y
+        err = served(model, model.predict(adapter, batch.query_idx, batch.shared)) - batch.query_y
         return masked_mean(err**2, batch.query_mask), masked_mean(err.abs(), batch.query_mask)
 
 
@@ -182,6 +182,8 @@ def gate(start: Adapter, result: AdaptResult, cfg: GateConfig) -> list[str]:
         delta_sq += (flat_new - start[name].flatten(1)).pow(2).sum(1)
         norm_sq += flat_new.pow(2).sum(1)
     better = result.loss_after < result.loss_before * (1.0 - cfg.min_improvement)
+    if not cfg.enabled:
+        better = torch.ones_like(better)
     reasons: list[str] = []
     for ok, dn, n, good in zip(
         finite.tolist(),

@@ -188,6 +188,16 @@ class NeuralRecommender(nn.Module):
         return self.predict(adapter, cp_idx.unsqueeze(1), shared).squeeze(1)
 
 
+def served(model: AdaptableModel, predictions: Tensor) -> Tensor:
+    """Predictions as served: clamped to the model's value range when it has one (ratings 1-5 stay in 1-5).
+
+    Adaptation optimises the raw predictions (a clamp has no gradient outside the range); everything
+    that scores or serves (prequential error, the gate, serving, evaluation) uses these.
+    """
+    value_range = getattr(getattr(model, "config", None), "value_range", None)
+    return predictions.clamp(*value_range) if value_range else predictions
+
+
 def freeze(model: nn.Module) -> None:
     """Base weights never change after pretraining."""
     model.eval()

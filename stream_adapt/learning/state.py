@@ -3,7 +3,8 @@
 Adapters live as rows of one tensor per adapter name, so gathering the adapters of the N events of a
 batch is one `index_select`, not N dictionary look-ups of small tensors. Only entities that have had a
 window adapted (accepted or rolled back) have an entry; the rest start from the model's initial
-adapter. Memory: ~(4 bytes x adapter size + ~250 bytes) per such entity.
+adapter. Memory: ~(4 bytes x adapter size, up to twice that as the rows grow by doubling, + ~550 bytes)
+per such entity (measured: 555 bytes of Python objects with one input partition).
 
 `consumed[(topic, partition)]` is the highest offset of that entity's events already used by an
 outcome. After a crash the source re-reads from its last commit; events at or below the mark are
@@ -38,10 +39,16 @@ class AdapterTable:
         self.spec = spec
         self._data = {name: torch.zeros((capacity, *shape)) for name, shape in spec.items()}
         self._rows = 0
+        self._free: list[int] = []  # rows of dropped entities, reused before the table grows
         self.entities: dict[str, EntityState] = {}
 
     def __len__(self) -> int:
         return len(self.entities)
+
+    @property
+    def allocated_rows(self) -> int:
+        """Adapter rows handed out so far (in use, or freed by `drop_partitions` and reusable)."""
+        return self._rows
 
     def state(self, entity: str) -> EntityState | None:
         return self.entities.get(entity)
@@ -89,7 +96,9 @@ class AdapterTable:
         """Forget the entities whose events came from these partitions (now owned elsewhere)."""
         gone = [e for e, st in self.entities.items() if st.partition in partitions]
         for entity in gone:
-            del self.entities[entity]  # its row is simply not reused; the table grows by doubling only
+            row = self.entities.pop(entity).row
+            if row >= 0:  # reused by the next entity that needs one: rebalances must not grow the table
+                self._free.append(row)
         return len(gone)
 
     def put(self, entity: str, adapter_row: Adapter, version: int, event_time: float | None = None) -> None:
@@ -127,6 +136,8 @@ class AdapterTable:
         return {name: data[st.row].clone() for name, data in self._data.items()}
 
     def _allocate(self) -> int:
+        if self._free:
+            return self._free.pop()
         if self._rows == next(iter(self._data.values())).shape[0]:
             for name, data in self._data.items():
                 grown = torch.zeros((2 * data.shape[0], *data.shape[1:]))

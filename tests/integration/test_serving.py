@@ -14,7 +14,7 @@ from kafka_helpers import producer_config
 
 from stream_adapt.errors import StreamAdaptError
 from stream_adapt.events import GLOBAL_ENTITY, ModelUpdate
-from stream_adapt.learning.models import Adapter, NeuralRecommender, RecommenderConfig, freeze
+from stream_adapt.learning.models import Adapter, NeuralRecommender, RecommenderConfig, freeze, served
 from stream_adapt.learning.updates import CONTENT_TYPE, encode_update
 from stream_adapt.serving import ModelSubscriber
 
@@ -97,7 +97,7 @@ def expected(model: NeuralRecommender, adapter: Adapter | None, user: str, share
         else {k: v.unsqueeze(0) for k, v in adapter.items()}
     )
     with torch.no_grad():
-        out = model.predict(batched, model.counterpart_index(ITEMS).unsqueeze(0), shared)
+        out = served(model, model.predict(batched, model.counterpart_index(ITEMS).unsqueeze(0), shared))
     return [float(x) for x in out[0]]
 
 

@@ -235,3 +235,12 @@ def test_gate_measures_the_jump_over_all_adapter_tensors() -> None:
     one = torch.ones(1)
     result = AdaptResult(adapter, one, one / 2, one, one / 2)
     assert gate(start, result, GATE) == ["norm_jump"]
+
+
+def test_a_disabled_gate_accepts_worse_but_never_non_finite_or_unbounded_updates() -> None:
+    start = {"emb": torch.zeros(3, 2), "bias": torch.zeros(3, 1)}
+    adapted = {"emb": torch.tensor([[0.1, 0.0], [float("nan"), 0.0], [100.0, 0.0]]), "bias": torch.zeros(3, 1)}
+    before, after = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 0.5, 0.5])  # the first got worse
+    result = AdaptResult(adapted, before, after, before, after)
+    assert gate(start, result, GateConfig(enabled=False)) == ["accepted", "non_finite", "norm_jump"]
+    assert gate(start, result, GateConfig())[0] == "not_better"

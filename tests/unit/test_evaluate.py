@@ -228,9 +228,8 @@ def test_few_shot_windows_and_gate_off() -> None:
         assert w.max_age_s > 1e12
     w = few_shot_config(base, None).window
     assert (w.shots, w.query_shots, w.min_shots) == (8, 2, 3)
-    g = gate_off(base).gate
-    assert g.min_improvement == -math.inf and g.max_delta_norm == math.inf
-    assert base.gate.min_improvement == 0.0  # the original is untouched
+    assert gate_off(base).gate.enabled is False
+    assert base.gate.enabled is True  # the original is untouched
 
 
 def test_pretrain_overrides_and_seeds() -> None:

@@ -17,7 +17,7 @@ from stream_adapt.config import pipeline_config
 from stream_adapt.errors import StreamAdaptError
 from stream_adapt.events import GLOBAL_ENTITY, ModelUpdate, Position, Record
 from stream_adapt.io.directory import DirSink
-from stream_adapt.learning.models import Adapter, EntityKind, NeuralRecommender, RecommenderConfig, freeze
+from stream_adapt.learning.models import Adapter, EntityKind, NeuralRecommender, RecommenderConfig, freeze, served
 from stream_adapt.learning.pipeline import Pipeline
 from stream_adapt.learning.updates import METADATA_KEY, encode_update
 from stream_adapt.serving import ModelSubscriber
@@ -87,7 +87,9 @@ def expected_scores(
         else {k: v.unsqueeze(0) for k, v in adapter.items()}
     )
     with torch.no_grad():
-        out = model.predict(batched, model.counterpart_index(items).unsqueeze(0), shared or model.global_adapter())
+        out = served(
+            model, model.predict(batched, model.counterpart_index(items).unsqueeze(0), shared or model.global_adapter())
+        )
     return [float(x) for x in out[0]]
 
 
@@ -284,7 +286,9 @@ def test_item_entity_model_scores_each_item_with_its_own_adapter() -> None:
     assert after[0] == pytest.approx(before[0]) and after[2] == pytest.approx(before[2])
     single = {k: v.unsqueeze(0) for k, v in tensors.items()}
     with torch.no_grad():
-        expected = model.predict(single, model.counterpart_index(["u0"]).unsqueeze(0), model.global_adapter())
+        expected = served(
+            model, model.predict(single, model.counterpart_index(["u0"]).unsqueeze(0), model.global_adapter())
+        )
     assert after[1] == pytest.approx(float(expected[0, 0]))
     assert after[1] != pytest.approx(before[1])
     # A user adapter (same shapes, same base) is not an item adapter.
