@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from kafka_helpers import CuttableLink, delete_topics, unique_name
+from model_helpers import one_torch_thread  # noqa: F401  (a fixture for every test module)
 
 from stream_adapt.io.admin import TopicSpec, ensure_topics
 from stream_adapt.io.broker import free_port, resolve_tansu_binary

@@ -373,7 +373,8 @@ def _prequential(events: list[FeedbackEvent], st: EvalSettings, say: Progress) -
         "Baselines and River learn the whole log online (predict, then learn) and are scored on the stream "
         "only, so they are warmed up on the same pretraining part; they do not depend on the seed.",
         "River BiasedMF clips its predictions to the rating scale (PredClipper, as in River's documented "
-        "setup); the base model and stream-adapt are scored on their raw predictions.",
+        "setup); the base model and stream-adapt are scored as they serve, clamped to the model's value range; "
+        "the bias baselines on their raw predictions.",
     ]
     series = _series(first_trace or [], y, series_preds, details.get("series_seed", 0), st.batch_size)
     return Evaluation("prequential", rows, details=details, series=series, notes=notes)
@@ -528,8 +529,8 @@ def _cold_start(events: list[FeedbackEvent], st: EvalSettings, say: Progress) ->
         f"{st.cold_fraction:.0%} of users by arrival (first rating); warm data = every event before the first "
         "cold user arrived. Support = a cold user's first K ratings; query = the same ratings for every K.",
         "K=1: a window of one shot cannot be adapted and gated, so stream-adapt equals no adaptation there.",
-        "Baselines do not depend on the seed; River BiasedMF clips to the rating scale as documented, the other "
-        "methods are scored on their raw predictions.",
+        "Baselines do not depend on the seed; River BiasedMF clips to the rating scale as documented, the base "
+        "model and stream-adapt are clamped to it as they serve, the bias baselines are scored raw.",
     ]
     return Evaluation("cold-start", rows, details=details, notes=notes)
 
@@ -558,7 +559,7 @@ def _melu(events: list[FeedbackEvent], st: EvalSettings, say: Progress) -> Evalu
         "MeLU split: users with 13-100 ratings; a seeded 80% of them warm (pretraining and baseline training); "
         "each cold user's 10 random ratings are the query, the rest (in time order) the support.",
         "Baselines and River learn warm + support; River BiasedMF clips to the rating scale as documented, the "
-        "other methods are scored on their raw predictions.",
+        "base model and stream-adapt are clamped to it as they serve, the bias baselines are scored raw.",
     ]
     return Evaluation("melu", rows, details=details, notes=notes)
 

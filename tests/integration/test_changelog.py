@@ -12,6 +12,7 @@ import pytest
 import torch
 from confluent_kafka import KafkaError, Message, Producer
 from kafka_helpers import producer_config, wait_until
+from model_helpers import tiny_model
 
 from stream_adapt.config import PipelineConfig, pipeline_config
 from stream_adapt.errors import StreamAdaptError
@@ -19,7 +20,7 @@ from stream_adapt.events import GLOBAL_ENTITY, ModelUpdate, Position, Record
 from stream_adapt.io.broker import free_port
 from stream_adapt.io.changelog import GlobalFollower, latest_per_key, read_to_end, restore_pipeline
 from stream_adapt.io.directory import update_headers
-from stream_adapt.learning.models import NeuralRecommender, RecommenderConfig, freeze
+from stream_adapt.learning.models import NeuralRecommender
 from stream_adapt.learning.pipeline import Pipeline, PublishedUpdate
 from stream_adapt.learning.updates import encode_update
 
@@ -48,18 +49,6 @@ def produce_at(bootstrap: str, topic: str, rows: Iterable[Row], timeout_s: float
         producer.produce(topic, value=value, key=key, partition=partition, headers=headers, on_delivery=on_delivery)
     assert producer.flush(timeout_s) == 0, "not every record was delivered in time"
     assert not errors, errors[:3]
-
-
-def tiny_model() -> NeuralRecommender:
-    torch.manual_seed(0)
-    model = NeuralRecommender(RecommenderConfig(n_users=len(USERS), n_items=len(ITEMS), dim=8, hidden=16), USERS, ITEMS)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        model.global_bias.fill_(3.0)  # base scores inside the rating range
-    freeze(model)
-    model.fingerprint = FINGERPRINT
-    return model
 
 
 def base_score(model: NeuralRecommender, user: str, item: str) -> float:
@@ -205,7 +194,7 @@ def published(kafka_bootstrap: str, topic_factory: TopicFactory) -> dict[str, An
     """A pipeline run over 2 input partitions whose every window was accepted, its updates on a model
     topic (routed by input partition) beside records that are not ours, a global version, and an old
     version published again late (as a zombie writer would)."""
-    model = tiny_model()
+    model = tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3)
     input_topic = "feedback-restore"
     records = feedback(model, input_topic, {0: ["u0", "u1"], 1: ["u2", "u3", "stranger"]}, per_user=8)
     first = Pipeline(model, pipeline_cfg())
@@ -292,13 +281,13 @@ def test_restore_pipeline_reads_only_the_model_partitions_of_its_input_partition
 
 
 def test_restore_pipeline_with_no_input_partitions_reads_nothing(kafka_bootstrap: str) -> None:
-    pipeline = Pipeline(tiny_model(), pipeline_cfg())
+    pipeline = Pipeline(tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3), pipeline_cfg())
     report = restore_pipeline(pipeline, kafka_bootstrap, "never-read", [], timeout_s=5)
     assert (report.records, report.entities, len(pipeline.table)) == (0, 0, 0)
 
 
 def test_restore_pipeline_of_a_missing_model_topic_fails_naming_it(kafka_bootstrap: str) -> None:
-    pipeline = Pipeline(tiny_model(), pipeline_cfg())
+    pipeline = Pipeline(tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3), pipeline_cfg())
     with pytest.raises(StreamAdaptError, match=r"'no-models-7c1d'.*does not exist"):
         restore_pipeline(pipeline, kafka_bootstrap, "no-models-7c1d", [("feedback", 0)], timeout_s=10)
 
@@ -309,7 +298,7 @@ def test_restore_pipeline_of_a_missing_model_topic_fails_naming_it(kafka_bootstr
 def test_global_follower_applies_newer_global_versions_and_skips_foreign_ones(
     kafka_bootstrap: str, topic_factory: TopicFactory
 ) -> None:
-    model = tiny_model()
+    model = tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3)
     topic = topic_factory("models", partitions=2)
     v1, _ = global_payload(model, 1)
     foreign, _ = global_payload(model, 7, fingerprint="sha256:" + "02" * 32)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from confluent_kafka import KafkaError, Message, Producer
 from kafka_helpers import producer_config
+from model_helpers import tiny_model
 
 from stream_adapt.errors import StreamAdaptError
 from stream_adapt.events import GLOBAL_ENTITY, ModelUpdate
-from stream_adapt.learning.models import Adapter, NeuralRecommender, RecommenderConfig, freeze, served
+from stream_adapt.learning.models import Adapter, NeuralRecommender, served
 from stream_adapt.learning.updates import CONTENT_TYPE, encode_update
 from stream_adapt.serving import ModelSubscriber
 
@@ -28,17 +29,6 @@ USERS = [f"u{i}" for i in range(6)]
 ITEMS = [f"i{i}" for i in range(10)]
 FINGERPRINT = "sha256:" + "9a" * 32
 T0 = 1_700_000_000.0
-
-
-def tiny_model() -> NeuralRecommender:
-    torch.manual_seed(0)
-    model = NeuralRecommender(RecommenderConfig(n_users=len(USERS), n_items=len(ITEMS), dim=8, hidden=16), USERS, ITEMS)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    freeze(model)
-    model.fingerprint = FINGERPRINT
-    return model
 
 
 def update(
@@ -104,7 +94,7 @@ def expected(model: NeuralRecommender, adapter: Adapter | None, user: str, share
 def test_subscriber_catches_up_on_good_and_bad_records_then_follows_new_ones(
     kafka_bootstrap: str, topic_factory: TopicFactory
 ) -> None:
-    model = tiny_model()
+    model = tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3, global_bias=None)
     topic = topic_factory("models", partitions=2, config={"cleanup.policy": "compact"})
     u0_v1, _ = update(model, "u0", 1)
     u0_v2, u0_v2_tensors = update(model, "u0", 2)
@@ -161,7 +151,7 @@ def test_subscriber_catches_up_on_good_and_bad_records_then_follows_new_ones(
 def test_subscriber_on_an_empty_topic_is_caught_up_at_once_and_serves_the_base_model(
     kafka_bootstrap: str, topic_factory: TopicFactory
 ) -> None:
-    model = tiny_model()
+    model = tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3, global_bias=None)
     topic = topic_factory("models", partitions=3)
     with ModelSubscriber(model, kafka_bootstrap, topic) as sub:
         assert sub.wait_until_caught_up(30)
@@ -170,7 +160,9 @@ def test_subscriber_on_an_empty_topic_is_caught_up_at_once_and_serves_the_base_m
 
 
 def test_subscriber_start_on_a_missing_topic_fails_naming_servers_and_topic(kafka_bootstrap: str) -> None:
-    sub = ModelSubscriber(tiny_model(), kafka_bootstrap, "no-such-models-3b7a")
+    sub = ModelSubscriber(
+        tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3, global_bias=None), kafka_bootstrap, "no-such-models-3b7a"
+    )
     with pytest.raises(StreamAdaptError) as info:
         sub.start()
     message = str(info.value)

@@ -16,26 +16,16 @@ from __future__ import annotations
 import json
 
 import torch
+from model_helpers import tiny_model
 
 from stream_adapt.config import pipeline_config
 from stream_adapt.events import Position, Record
-from stream_adapt.learning.models import NeuralRecommender, RecommenderConfig, freeze
 from stream_adapt.learning.pipeline import BatchResult, Pipeline
 from stream_adapt.learning.state import AdapterTable
 
 T0 = 1_700_000_000.0
 ITEMS = [f"i{i}" for i in range(10)]
 HOUR = 3600.0
-
-
-def tiny_model() -> NeuralRecommender:
-    torch.manual_seed(0)
-    model = NeuralRecommender(RecommenderConfig(n_users=2, n_items=len(ITEMS), dim=4, hidden=8), ["a", "b"], ITEMS)
-    with torch.no_grad():
-        model.global_bias.fill_(3.0)
-    freeze(model)
-    model.fingerprint = "sha256:bounded"
-    return model
 
 
 def rating(offset: int, user: str, value: float, ts: float) -> Record:
@@ -47,7 +37,7 @@ def rating(offset: int, user: str, value: float, ts: float) -> Record:
 def drifting_pipeline() -> Pipeline:
     """Windows of 8 (adapted from 4 shots), one hour max age; an entity detector that fires at once."""
     return Pipeline(
-        tiny_model(),
+        tiny_model(["a", "b"], ITEMS, "sha256:bounded", dim=4, hidden=8),
         pipeline_config(
             {
                 "window": {"shots": 8, "min_shots": 4, "max_age_s": HOUR},

@@ -15,19 +15,20 @@ import gc
 import json
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_helpers import tiny_model
 
 from stream_adapt.config import pipeline_config
 from stream_adapt.events import DECODE_REASONS, MAX_ID_LENGTH, DecodeError, Position, Record, decode
 from stream_adapt.hostile import CLASSES, CORPUS_NOW, HostileCase, expectation, hostile_cases, hostile_corpus
-from stream_adapt.learning.models import NeuralRecommender, RecommenderConfig, freeze
 from stream_adapt.learning.pipeline import BatchResult, Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOPIC = "hostile"
 USERS = [f"u{i}" for i in range(4)]
@@ -35,26 +36,7 @@ ITEMS = [f"i{i}" for i in range(20)]
 SMALL_WINDOWS = {"shots": 4, "query_shots": 1, "min_shots": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as the service runs (and the fastest on a shared 2-core host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model() -> NeuralRecommender:
-    torch.manual_seed(0)
-    model = NeuralRecommender(RecommenderConfig(n_users=4, n_items=20, dim=8, hidden=16), USERS, ITEMS)
-    with torch.no_grad():
-        model.global_bias.fill_(3.0)
-    freeze(model)
-    model.fingerprint = "sha256:hostile"
-    return model
-
-
-MODEL = tiny_model()
+MODEL = tiny_model(USERS, ITEMS, "sha256:hostile")
 
 
 def pipeline(**overrides: Any) -> Pipeline:

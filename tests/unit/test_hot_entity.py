@@ -16,32 +16,26 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
+from model_helpers import tiny_model
 from torch import Tensor
 
 from stream_adapt.config import pipeline_config
 from stream_adapt.events import Position, Record
-from stream_adapt.learning.models import Adapter, NeuralRecommender, RecommenderConfig, freeze
+from stream_adapt.learning.models import Adapter, NeuralRecommender
 from stream_adapt.learning.pipeline import BatchResult, Pipeline
 from stream_adapt.learning.updates import decode_update
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T0 = 1_700_000_000.0
 ITEMS = [f"i{i}" for i in range(40)]
 HOT = "hot"
 BATCH = 2000
 BATCHES = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CountingRecommender(NeuralRecommender):
@@ -56,22 +50,7 @@ class CountingRecommender(NeuralRecommender):
         return super().predict(adapter, counterpart_idx, shared)
 
 
-def make_model() -> CountingRecommender:
-    torch.manual_seed(0)
-    users = [f"o{i}" for i in range(100)]
-    model = CountingRecommender(
-        RecommenderConfig(n_users=len(users), n_items=len(ITEMS), dim=8, hidden=16), users, ITEMS
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        model.global_bias.fill_(3.0)
-    freeze(model)
-    model.fingerprint = "sha256:hot-entity"
-    return model
-
-
-MODEL = make_model()
+MODEL = tiny_model([f"o{i}" for i in range(100)], ITEMS, "sha256:hot-entity", noise=0.3, cls=CountingRecommender)
 
 
 def rating(partition: int, offset: int, user: str, rng: random.Random, ts: float) -> Record:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +16,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from model_helpers import tiny_model
 
 from stream_adapt.config import PipelineConfig, pipeline_config
 from stream_adapt.events import GLOBAL_ENTITY, AdaptationRecord, FeedbackEvent, Position, decode
 from stream_adapt.io.ports import Record
 from stream_adapt.learning.adapt import ROLLBACK_REASONS
-from stream_adapt.learning.models import NeuralRecommender, RecommenderConfig, freeze
+from stream_adapt.learning.models import NeuralRecommender
 from stream_adapt.learning.pipeline import BatchResult, Pipeline
 from stream_adapt.learning.pretrain import PretrainConfig, pretrain
 from stream_adapt.learning.updates import decode_update
 from stream_adapt.synth import SynthConfig, SynthSummary, SynthTruth, generate, load_truth
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WORLD = SynthConfig(n_users=300, n_items=200)
 PARTITIONS = 3
@@ -85,16 +88,6 @@ def _build_world(directory: Path, seed: int) -> World:
             assert isinstance(event, FeedbackEvent)
             valid[k] = event
     return World(summary, truth, model, raw, valid, bad)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as the service runs by default (`adapt.threads`): on a busy shared host a
-    second thread only waits for a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -227,14 +220,6 @@ TINY_ITEMS = [f"i{i}" for i in range(20)]
 QUIET = {"drift": {"global_detector": {"kind": "none"}, "entity_detector": {"kind": "none"}}}
 
 
-def _tiny_model() -> NeuralRecommender:
-    torch.manual_seed(0)
-    model = NeuralRecommender(RecommenderConfig(n_users=4, n_items=20, dim=8, hidden=16), TINY_USERS, TINY_ITEMS)
-    freeze(model)
-    model.fingerprint = "sha256:tiny"
-    return model
-
-
 def _record(
     offset: int,
     user: str = "u1",
@@ -259,7 +244,7 @@ def _record(
 
 def _tiny(overrides: dict[str, Any] | None = None) -> Pipeline:
     merged = {**QUIET, **(overrides or {})}
-    return Pipeline(_tiny_model(), pipeline_config(merged))
+    return Pipeline(tiny_model(TINY_USERS, TINY_ITEMS, "sha256:tiny", global_bias=None), pipeline_config(merged))
 
 
 def _positions(results: list[BatchResult]) -> Counter[int]:

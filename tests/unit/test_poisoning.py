@@ -21,19 +21,21 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
+from model_helpers import tiny_model
 
 from stream_adapt.config import pipeline_config
 from stream_adapt.events import GLOBAL_ENTITY, AdaptationRecord, Position, Record
-from stream_adapt.learning.models import Adapter, NeuralRecommender, RecommenderConfig, freeze, served
+from stream_adapt.learning.models import Adapter, served
 from stream_adapt.learning.pipeline import Pipeline
 from stream_adapt.learning.reservoir import CappedReservoir
 from stream_adapt.learning.updates import decode_update
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T0 = 1_700_000_000.0
 NOW = T0 + 10**6
@@ -44,28 +46,7 @@ POISONER, TARGET = "poisoner", "i0"
 BURST = 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_model() -> NeuralRecommender:
-    """A small random base model whose predictions sit inside the 0-5 rating range."""
-    torch.manual_seed(0)
-    model = NeuralRecommender(RecommenderConfig(n_users=len(KNOWN), n_items=len(ITEMS), dim=8, hidden=16), KNOWN, ITEMS)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        model.global_bias.fill_(3.0)
-    freeze(model)
-    model.fingerprint = "sha256:poisoning"
-    return model
-
-
-MODEL = make_model()
+MODEL = tiny_model(KNOWN, ITEMS, "sha256:poisoning", noise=0.3)
 
 
 def base_score(user: str, item: str) -> float:

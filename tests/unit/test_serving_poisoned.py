@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,13 +19,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_helpers import tiny_model
 from safetensors.numpy import save as np_save
 from safetensors.torch import save as torch_save
 
 from stream_adapt.events import GLOBAL_ENTITY, ModelUpdate
-from stream_adapt.learning.models import Adapter, NeuralRecommender, RecommenderConfig, freeze
+from stream_adapt.learning.models import Adapter
 from stream_adapt.learning.updates import METADATA_KEY, REJECT_REASONS, encode_update
 from stream_adapt.serving import ModelSubscriber
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 USERS = [f"u{i}" for i in range(4)]
 ITEMS = [f"i{i}" for i in range(10)]
@@ -34,28 +36,7 @@ FINGERPRINT = "sha256:" + "ab" * 32
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: a tiny model's predictions are ~100x slower with threads spinning up."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model() -> NeuralRecommender:
-    torch.manual_seed(0)
-    model = NeuralRecommender(RecommenderConfig(n_users=len(USERS), n_items=len(ITEMS), dim=8, hidden=16), USERS, ITEMS)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        model.global_bias.fill_(3.0)
-    freeze(model)
-    model.fingerprint = FINGERPRINT
-    return model
-
-
-MODEL = tiny_model()
+MODEL = tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3)
 
 
 def metadata(entity: str, version: int, **changes: Any) -> ModelUpdate:
