@@ -44,14 +44,7 @@ GROUP_TIMING = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
 def topics(bootstrap: str, tag: str, partitions: int) -> KafkaConfig:
-    kafka = KafkaConfig(
-        bootstrap_servers=bootstrap,
-        topic=f"bench-{tag}.feedback",
-        model_topic=f"bench-{tag}.models",
-        log_topic=f"bench-{tag}.adaptations",
-        dead_letter_topic=f"bench-{tag}.dead",
-        group=f"bench-{tag}",
-    )
+    kafka = KafkaConfig.prefixed(f"bench-{tag}", bootstrap)
     ensure_topics(kafka, default_topic_specs(kafka, partitions, -1), timeout_s=30)
     return kafka
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import signal
 import threading
 import time
@@ -28,22 +27,11 @@ from soak import Bench, Scraper, bench_setup, member_command, start_process, tot
 
 from stream_adapt.audit import audit
 from stream_adapt.config import KafkaConfig
+from stream_adapt.faults import kill_plan
 from stream_adapt.io.broker import free_port
 from stream_adapt.io.changelog import read_to_end
 from stream_adapt.replay import ReplayReport, replay_file
 from stream_adapt.synth import synthetic_stream
-
-KILL_POINTS = ("mid_batch", "after_publish", "after_commit", "random_time")
-
-
-def kill_plan(seed: int, n: int) -> list[tuple[str, float]]:
-    """`n` seeded kill points: (failpoint, times reached first) or ("random_time", s after assignment)."""
-    rng = random.Random(seed)
-    plan: list[tuple[str, float]] = []
-    for _ in range(n):
-        point = rng.choice(KILL_POINTS)
-        plan.append((point, round(rng.uniform(0.5, 3.0), 2) if point == "random_time" else rng.randint(1, 4)))
-    return plan
 
 
 class _Stop(Exception):

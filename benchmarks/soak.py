@@ -72,14 +72,7 @@ class Bench:
     items: int
 
     def topics(self, tag: str, partitions: int) -> KafkaConfig:
-        kafka = KafkaConfig(
-            bootstrap_servers=self.bootstrap,
-            topic=f"{tag}.feedback",
-            model_topic=f"{tag}.models",
-            log_topic=f"{tag}.adaptations",
-            dead_letter_topic=f"{tag}.dead",
-            group=f"{tag}.group",
-        )
+        kafka = KafkaConfig.prefixed(tag, self.bootstrap)
         ensure_topics(kafka, default_topic_specs(kafka, partitions, -1), timeout_s=30)
         return kafka
 

@@ -193,6 +193,19 @@ class KafkaConfig(_Frozen):
     )
     exactly_once: bool = Field(False, description="Kafka transactions: outputs and offsets commit together.")
 
+    @classmethod
+    def prefixed(cls, prefix: str, bootstrap_servers: str, group: str | None = None) -> KafkaConfig:
+        """The four topics named `{prefix}.feedback`, `.models`, `.adaptations`, `.dead-letters` and the
+        group `{prefix}.group` (or `group`): one self-contained set, as the demo and the benchmarks use."""
+        return cls(
+            bootstrap_servers=bootstrap_servers,
+            topic=f"{prefix}.feedback",
+            model_topic=f"{prefix}.models",
+            log_topic=f"{prefix}.adaptations",
+            dead_letter_topic=f"{prefix}.dead-letters",
+            group=group or f"{prefix}.group",
+        )
+
 
 class Settings(BaseSettings):
     """Service settings: the pipeline plus its edges."""

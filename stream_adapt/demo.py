@@ -100,14 +100,7 @@ def _kafka(out: Path, seed: int, seconds: float, partitions: int, t0: float, met
     total = 6
     _step(1, total, "starting the embedded Kafka-protocol broker (Tansu, memory storage)")
     with EmbeddedBroker() as broker:
-        kafka = KafkaConfig(
-            bootstrap_servers=broker.bootstrap_servers,
-            topic="demo.feedback",
-            model_topic="demo.models",
-            log_topic="demo.adaptations",
-            dead_letter_topic="demo.dead-letters",
-            group="stream-adapt-demo",
-        )
+        kafka = KafkaConfig.prefixed("demo", broker.bootstrap_servers, group="stream-adapt-demo")
         created = ensure_topics(kafka, default_topic_specs(kafka, partitions, -1))
         print(f"  broker at {broker.bootstrap_servers}; topics: {', '.join(sorted(created))}")
         data, model_dir = _prepare(out, seed, 2, total)

@@ -9,10 +9,25 @@ between publishing and committing, in the middle of a rebalance.
 from __future__ import annotations
 
 import os
+import random
 import signal
 
 #: The failpoints the service has, for documentation and validation.
 FAILPOINTS = ("mid_batch", "after_publish", "after_commit", "in_revoke", "in_assign")
+#: Where a kill loop kills a member: the failpoints that bracket processing, publishing and committing,
+#: or ("random_time") a SIGKILL from outside at a random moment of its work.
+KILL_POINTS = ("mid_batch", "after_publish", "after_commit", "random_time")
+
+
+def kill_plan(seed: int, n: int) -> list[tuple[str, float]]:
+    """`n` seeded kill points: (failpoint name, how many times it is reached first) or ("random_time",
+    seconds after the member's assignment). Shared by the kill-loop test and benchmark."""
+    rng = random.Random(seed)
+    plan: list[tuple[str, float]] = []
+    for _ in range(n):
+        point = rng.choice(KILL_POINTS)
+        plan.append((point, round(rng.uniform(0.5, 3.0), 2) if point == "random_time" else rng.randint(1, 4)))
+    return plan
 
 
 def _parse(spec: str) -> dict[str, int]:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from kafka_helpers import CuttableLink, delete_topics, unique_name
+from kafka_helpers import CuttableLink, delete_topics, tansu_behind_relay, unique_name
 from model_helpers import one_torch_thread  # noqa: F401  (a fixture for every test module)
 
 from stream_adapt.io.admin import TopicSpec, ensure_topics
-from stream_adapt.io.broker import free_port, resolve_tansu_binary
+from stream_adapt.io.broker import free_port
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +79,8 @@ def broker_behind_link(tmp_path: Path) -> Iterator[tuple[str, CuttableLink]]:
     """A broker of its own whose clients all go through a `CuttableLink`: (bootstrap, link)."""
     inner = free_port()
     link = CuttableLink(inner)
-    bootstrap = f"127.0.0.1:{link.port}"
-    cmd = [resolve_tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{inner}"]
-    cmd += ["--advertised-listener-url", f"tcp://{bootstrap}", "--storage-engine", "memory://tansu/"]
-    with open(tmp_path / "tansu.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        yield bootstrap, link
+        with tansu_behind_relay(inner, link.port, tmp_path / "tansu.log") as bootstrap:
+            yield bootstrap, link
     finally:
         link.close()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
+
+from stream_adapt.io.broker import resolve_tansu_binary
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +157,33 @@ class CuttableLink:
                 upstream.settimeout(None)
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            src.close()
-            dst.close()
+
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy one direction of a relayed connection until either side closes, then close both."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        src.close()
+        dst.close()
+
+
+@contextlib.contextmanager
+def tansu_behind_relay(inner_port: int, relay_port: int, log_path: Path) -> Iterator[str]:
+    """A broker of its own on `inner_port` that advertises the relay's port, so every client connection
+    goes through the relay (an outage is simulated there: restarting Tansu would lose its topics).
+    Yields the bootstrap address (the relay's)."""
+    bootstrap = f"127.0.0.1:{relay_port}"
+    cmd = [resolve_tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{inner_port}"]
+    cmd += ["--advertised-listener-url", f"tcp://{bootstrap}", "--storage-engine", "memory://tansu/"]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        yield bootstrap
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)

@@ -25,6 +25,7 @@ from stream_adapt.io.changelog import read_to_end
 from stream_adapt.learning.models import load_model, save_model
 from stream_adapt.learning.pretrain import PretrainConfig, pretrain
 from stream_adapt.learning.stats import RunStats
+from stream_adapt.replay import ReplayReport, replay_file
 from stream_adapt.service import KafkaService, ServiceOptions
 from stream_adapt.synth import DEFAULT_CONFIG, generate
 
@@ -69,14 +70,7 @@ def first_lines(src: Path, dst: Path, n: int) -> Path:
 def kafka_topics(bootstrap: str, partitions: int = 3) -> KafkaConfig:
     """A KafkaConfig naming fresh topics (created) and a fresh group."""
     tag = unique_name("svc")
-    kafka = KafkaConfig(
-        bootstrap_servers=bootstrap,
-        topic=f"{tag}.feedback",
-        model_topic=f"{tag}.models",
-        log_topic=f"{tag}.adaptations",
-        dead_letter_topic=f"{tag}.dead",
-        group=f"{tag}.group",
-    )
+    kafka = KafkaConfig.prefixed(tag, bootstrap)
     ensure_topics(bootstrap, default_topic_specs(kafka, partitions, -1), timeout_s=20)
     return kafka
 
@@ -209,3 +203,68 @@ def ok_audit(kafka: KafkaConfig) -> dict[str, Any]:
     summary = report.as_dict()
     assert report.ok, summary
     return summary
+
+
+def live_slice(world: World, directory: Path, n: int, start: int = 0) -> Path:
+    """Lines `start` to `start + n` of the world's live stream, as a file of their own."""
+    if not start:
+        return first_lines(world.live, directory / f"live-{n}.jsonl", n)
+    lines = world.live.read_bytes().splitlines(keepends=True)[start : start + n]
+    path = directory / f"live-{start}-{n}.jsonl"
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    """The end of a member's log, for an assertion message."""
+    return path.read_text(errors="replace")[-n:]
+
+
+def kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a member process if it still runs (test cleanup)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+class FeedStopped(Exception):
+    """Raised from the replay's progress callback to end a feed early (it flushes what it sent)."""
+
+
+class Feeder(threading.Thread):
+    """Replays a file at a fixed rate in the background (input arriving while a member works)."""
+
+    def __init__(self, path: Path, kafka: KafkaConfig, rate: float) -> None:
+        super().__init__(name="feeder", daemon=True)
+        self.path, self.kafka, self.rate = path, kafka, rate
+        self.report: ReplayReport | None = None
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        def progress(_: ReplayReport) -> None:
+            if self._halt.is_set():
+                raise FeedStopped
+
+        try:
+            self.report = replay_file(self.path, self.kafka, rate=self.rate, progress=progress, progress_interval_s=0.2)
+        except FeedStopped:
+            pass
+        except BaseException as exc:
+            self.error = exc
+
+    def sent(self, timeout_s: float) -> int:
+        self.join(timeout_s)
+        assert not self.is_alive(), "the replay did not finish"
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report.sent
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the feed now; everything it produced is confirmed by the broker when this returns."""
+        self._halt.set()
+        self.join(timeout_s)
+        assert not self.is_alive(), "the replay did not stop"
+        if self.error is not None:
+            raise self.error

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from service_helpers import World, first_lines, kafka_topics, make_service, make_world, run_member, wait_for
+from service_helpers import World, first_lines, kafka_topics, make_service, run_member, wait_for
 
 from stream_adapt.io.broker import free_port
 from stream_adapt.metrics import Observability
@@ -36,11 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "stream-adapt.json"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "stream-adapt.yml"
 JOB = "stream-adapt"  # the job name the alert rules expect
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return make_world(tmp_path_factory.mktemp("world"))
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -19,10 +19,9 @@ from service_helpers import (
     FAST_GROUP,
     World,
     caught_up,
-    first_lines,
     kafka_topics,
+    live_slice,
     logged_count,
-    make_world,
     member_process,
     ok_audit,
     partition_ends,
@@ -42,20 +41,11 @@ from stream_adapt.service import KafkaService, ServiceOptions
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return make_world(tmp_path_factory.mktemp("world"))
-
-
-def _events(world: World, tmp_path: Path, n: int) -> Path:
-    return first_lines(world.live, tmp_path / "live.jsonl", n)
-
-
 def test_events_in_updates_out_with_lineage_a_complete_log_and_dead_letters_with_headers(
     world: World, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     kafka = kafka_topics(kafka_bootstrap, partitions=3)
-    sent = replay_file(_events(world, tmp_path, 3000), kafka).sent
+    sent = replay_file(live_slice(world, tmp_path, 3000), kafka).sent
     member = start_member(world, kafka, "solo")
     wait_for(lambda: member.stats.records >= sent, 90, "the member to process every record")
     member.stop()
@@ -104,7 +94,7 @@ def test_a_member_killed_at_any_point_loses_nothing_and_applies_nothing_twice_af
     world: World, kafka_bootstrap: str, tmp_path: Path, failpoint: str
 ) -> None:
     kafka = kafka_topics(kafka_bootstrap, partitions=2)
-    sent = replay_file(_events(world, tmp_path, 3000), kafka).sent
+    sent = replay_file(live_slice(world, tmp_path, 3000), kafka).sent
     log_path = tmp_path / "member.log"
     proc = member_process(world, kafka, log_path, env={"STREAM_ADAPT_FAILPOINTS": failpoint})
     if failpoint.startswith("in_revoke"):
@@ -139,7 +129,7 @@ def test_two_members_split_the_partitions_and_one_continues_the_others_lineage(
         60,
         "the partitions to split between a and b",
     )
-    first = _events(world, tmp_path, 2500)
+    first = live_slice(world, tmp_path, 2500)
     sent = replay_file(first, kafka).sent
     ends = partition_ends(kafka)
     wait_for(lambda: caught_up([a, b], kafka, ends), 90, "a and b to reach the end")
@@ -175,7 +165,7 @@ def test_a_member_started_before_kafka_is_reachable_waits_with_clear_log_lines_t
 ) -> None:
     bootstrap, link = broker_behind_link
     kafka = kafka_topics(bootstrap, partitions=2)
-    sent = replay_file(_events(world, tmp_path, 1500), kafka).sent
+    sent = replay_file(live_slice(world, tmp_path, 1500), kafka).sent
     link.cut()
     caplog.set_level(logging.WARNING, logger="stream_adapt")
     stop = threading.Event()

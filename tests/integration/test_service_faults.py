@@ -11,7 +11,6 @@ import itertools
 import logging
 import signal
 import subprocess
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,18 +18,20 @@ from pathlib import Path
 import pytest
 from service_helpers import (
     FAST_GROUP,
+    Feeder,
     Member,
     World,
     caught_up,
-    first_lines,
     kafka_topics,
+    kill_quietly,
+    live_slice,
     make_service,
-    make_world,
     member_process,
     ok_audit,
     partition_ends,
     run_member,
     start_member,
+    tail,
     wait_for,
 )
 
@@ -38,7 +39,7 @@ from stream_adapt.audit import committed_offsets
 from stream_adapt.config import KafkaConfig
 from stream_adapt.events import Record
 from stream_adapt.io.changelog import read_to_end
-from stream_adapt.replay import ReplayReport, replay_file
+from stream_adapt.replay import replay_file
 from stream_adapt.service import ServiceOptions
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,30 +47,6 @@ pytestmark = pytest.mark.timeout(180)
 #: SIGTERM to exit of a member process mid-stream. Measured 0.6-0.7 s (2 shared cores, local broker:
 #: finish the batch, flush, commit, leave the group, print the summary); ~7x margin for a loaded machine.
 GRACEFUL_EXIT_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return make_world(tmp_path_factory.mktemp("world"))
-
-
-def _events(world: World, tmp_path: Path, n: int, start: int = 0) -> Path:
-    if not start:
-        return first_lines(world.live, tmp_path / f"live-{n}.jsonl", n)
-    lines = world.live.read_bytes().splitlines(keepends=True)[start : start + n]
-    path = tmp_path / f"live-{start}-{n}.jsonl"
-    path.write_bytes(b"".join(lines))
-    return path
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:]
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
 
 
 def _committed(kafka: KafkaConfig, partitions: int) -> dict[int, int]:
@@ -106,16 +83,16 @@ def test_a_member_killed_inside_a_rebalance_leaves_all_partitions_to_the_other_w
     """
     partitions = 3
     kafka = kafka_topics(kafka_bootstrap, partitions=partitions)
-    sent = replay_file(_events(world, tmp_path, 3000), kafka).sent
+    sent = replay_file(live_slice(world, tmp_path, 3000), kafka).sent
     log_path = tmp_path / "a.log"
     a = member_process(world, kafka, log_path, env={"STREAM_ADAPT_FAILPOINTS": failpoint})
     b = None
     try:
         wait_for(lambda: _published(kafka) > 0 or a.poll() is not None, 60, "A to publish adapter versions")
-        assert a.poll() is None, _tail(log_path)
+        assert a.poll() is None, tail(log_path)
         b = start_member(world, kafka, "b")
-        assert a.wait(60) == -9, _tail(log_path)
-        a_log = _tail(log_path, 1_000_000)
+        assert a.wait(60) == -9, tail(log_path)
+        a_log = tail(log_path, 1_000_000)
         if failpoint.startswith("in_revoke"):  # died inside on_revoke: it began, never finished
             assert "kafka_source: revoking" in a_log and "service: revoked" not in a_log, a_log[-3000:]
         else:  # died inside its second on_assign, after a complete revocation
@@ -128,35 +105,11 @@ def test_a_member_killed_inside_a_rebalance_leaves_all_partitions_to_the_other_w
         )
         b.stop()
     finally:
-        _kill(a)
+        kill_quietly(a)
         if b is not None and b.thread.is_alive():
             b.stop()
     assert b.stats.already_applied > 0, b.service.restored
     assert ok_audit(kafka)["records"] == sent
-
-
-class _Feeder(threading.Thread):
-    """Replays a file at a fixed rate in the background (the stream a member is in the middle of)."""
-
-    def __init__(self, path: Path, kafka: KafkaConfig, rate: float) -> None:
-        super().__init__(name="feeder", daemon=True)
-        self.path, self.kafka, self.rate = path, kafka, rate
-        self.report: ReplayReport | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.report = replay_file(self.path, self.kafka, rate=self.rate)
-        except BaseException as exc:
-            self.error = exc
-
-    def sent(self, timeout_s: float) -> int:
-        self.join(timeout_s)
-        assert not self.is_alive(), "the replay did not finish"
-        if self.error is not None:
-            raise self.error
-        assert self.report is not None
-        return self.report.sent
 
 
 def test_sigterm_mid_stream_exits_0_promptly_with_offsets_committed_and_nothing_lost(
@@ -173,30 +126,30 @@ def test_sigterm_mid_stream_exits_0_promptly_with_offsets_committed_and_nothing_
     kafka = kafka_topics(kafka_bootstrap, partitions=partitions)
     log_path = tmp_path / "member.log"
     proc = member_process(world, kafka, log_path)
-    feeder = _Feeder(_events(world, tmp_path, 5000), kafka, rate=500)  # ~10 s of stream
+    feeder = Feeder(live_slice(world, tmp_path, 5000), kafka, rate=500)  # ~10 s of stream
     before: dict[int, int] = {}
     try:
         wait_for(lambda: b"assigned" in log_path.read_bytes() or proc.poll() is not None, 60, "the member to join")
-        assert proc.poll() is None, _tail(log_path)
+        assert proc.poll() is None, tail(log_path)
         feeder.start()
         wait_for(
             lambda: _all_committed(kafka, partitions, before) or proc.poll() is not None,
             30,
             "the member to commit past offset 0 on every partition",
         )
-        assert proc.poll() is None, _tail(log_path)
+        assert proc.poll() is None, tail(log_path)
         assert feeder.is_alive(), "the stream ended before the member was stopped: not mid-stream"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(GRACEFUL_EXIT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"no exit within {GRACEFUL_EXIT_S:g}s of SIGTERM:\n{_tail(log_path)}")
+            pytest.fail(f"no exit within {GRACEFUL_EXIT_S:g}s of SIGTERM:\n{tail(log_path)}")
         print(f"SIGTERM -> exit {code} in {time.monotonic() - t0:.2f}s")
-        assert code == 0, _tail(log_path)
-        assert "SIGTERM: finishing the batch" in _tail(log_path, 100_000)
+        assert code == 0, tail(log_path)
+        assert "SIGTERM: finishing the batch" in tail(log_path, 100_000)
     finally:
-        _kill(proc)
+        kill_quietly(proc)
         sent = feeder.sent(60) if feeder.ident is not None else 0
 
     after = _committed(kafka, partitions)
@@ -248,14 +201,14 @@ def test_exactly_once_commits_offsets_with_the_outputs_in_transactions(
     caplog.set_level(logging.WARNING, logger="stream_adapt")
     member = run_member(make_service(world, kafka, "eos"), "eos")
     try:
-        sent = replay_file(_events(world, tmp_path, 1500), kafka).sent
+        sent = replay_file(live_slice(world, tmp_path, 1500), kafka).sent
         ends = partition_ends(kafka)
         wait_for(lambda: caught_up([member], kafka, ends), 60, "the member to reach the end")
         # The idle member commits a transaction every second: wait for the one holding everything so far.
         first: dict[int, int] = {}
         wait_for(lambda: _poll_committed(kafka, partitions, first) == _safe(member), 30, "a transaction's offsets")
 
-        sent += replay_file(_events(world, tmp_path, 1500, start=1500), kafka).sent
+        sent += replay_file(live_slice(world, tmp_path, 1500, start=1500), kafka).sent
         ends = partition_ends(kafka)
         wait_for(lambda: caught_up([member], kafka, ends), 60, "the member to reach the new end")
         later: dict[int, int] = {}
@@ -298,7 +251,7 @@ def test_backpressure_with_a_tiny_backlog_bound_pauses_resumes_and_processes_eve
     producer confirmed them. The member must still process everything, in order, and lose nothing."""
     partitions = 3
     kafka = kafka_topics(kafka_bootstrap, partitions=partitions)
-    sent = replay_file(_events(world, tmp_path, 1200), kafka).sent
+    sent = replay_file(live_slice(world, tmp_path, 1200), kafka).sent
     options = ServiceOptions(consumer_overrides=FAST_GROUP, stats_interval_ms=1000, max_backlog=1, resume_backlog=0)
     # Small batches: several between two periodic commits (1 s), whose flush would empty the backlog.
     # Each pause costs ~1 s on the local broker (records flow again ~0.8 s after resume_all), hence few records.

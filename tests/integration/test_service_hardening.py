@@ -25,31 +25,35 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from kafka_helpers import pump, tansu_behind_relay
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import (
     FAST_GROUP,
+    Feeder,
     Member,
     World,
     caught_up,
-    first_lines,
     kafka_topics,
+    kill_quietly,
+    live_slice,
     make_service,
-    make_world,
     member_process,
     ok_audit,
     partition_ends,
     run_member,
     start_member,
     stop_process,
+    tail,
     wait_for,
 )
 
 from stream_adapt.config import KafkaConfig
+from stream_adapt.faults import KILL_POINTS, kill_plan
 from stream_adapt.io.admin import client_config
-from stream_adapt.io.broker import free_port, resolve_tansu_binary
+from stream_adapt.io.broker import free_port
 from stream_adapt.io.changelog import read_to_end
 from stream_adapt.metrics import Observability
-from stream_adapt.replay import ReplayReport, replay_file
+from stream_adapt.replay import replay_file
 from stream_adapt.service import ServiceOptions
 from stream_adapt.synth import synthetic_stream
 
@@ -57,20 +61,6 @@ pytestmark = pytest.mark.timeout(180)
 
 #: SIGTERM to exit of an idle or fast member (test_service_faults.py measured 0.6-0.7 s), with margin.
 GRACEFUL_EXIT_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return make_world(tmp_path_factory.mktemp("world"))
-
-
-def _events(world: World, tmp_path: Path, n: int, start: int = 0) -> Path:
-    if not start:
-        return first_lines(world.live, tmp_path / f"live-{n}.jsonl", n)
-    lines = world.live.read_bytes().splitlines(keepends=True)[start : start + n]
-    path = tmp_path / f"live-{start}-{n}.jsonl"
-    path.write_bytes(b"".join(lines))
-    return path
 
 
 # ---- a relay that cuts chosen clients only ---------------------------------------------------------
@@ -144,7 +134,7 @@ class ClientCut:
             client.close()
             return
         for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:
@@ -168,33 +158,16 @@ def _client_id(request: bytes) -> str:
     return "" if length < 0 else request[14 : 14 + length].decode(errors="replace")
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        src.close()
-        dst.close()
-
-
 @pytest.fixture
 def broker_behind_client_cut(tmp_path: Path) -> Iterator[tuple[str, ClientCut]]:
     """A broker of its own whose clients all go through a `ClientCut`: (bootstrap, relay)."""
     inner = free_port()
     relay = ClientCut(inner)
-    bootstrap = f"127.0.0.1:{relay.port}"
-    cmd = [resolve_tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{inner}"]
-    cmd += ["--advertised-listener-url", f"tcp://{bootstrap}", "--storage-engine", "memory://tansu/"]
-    with open(tmp_path / "tansu.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        yield bootstrap, relay
+        with tansu_behind_relay(inner, relay.port, tmp_path / "tansu.log") as bootstrap:
+            yield bootstrap, relay
     finally:
         relay.close()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
 
 
 def _committed(kafka: KafkaConfig, partitions: int) -> dict[int, int]:
@@ -254,7 +227,7 @@ def test_publish_failures_are_counted_never_committed_past_and_delivered_after_a
     bootstrap, relay = broker_behind_client_cut
     partitions = 2
     kafka = kafka_topics(bootstrap, partitions=partitions)
-    sent = replay_file(_events(world, tmp_path, 1500), kafka).sent
+    sent = replay_file(live_slice(world, tmp_path, 1500), kafka).sent
     options = ServiceOptions(
         consumer_overrides=FAST_GROUP,
         stats_interval_ms=1000,
@@ -272,7 +245,7 @@ def test_publish_failures_are_counted_never_committed_past_and_delivered_after_a
         wait_for(lambda: _poll_committed(kafka, partitions, at_cut) == _safe(member), 30, "the idle member's commit")
 
         relay.block("member-producer")
-        sent += replay_file(_events(world, tmp_path, 1500, start=1500), kafka).sent
+        sent += replay_file(live_slice(world, tmp_path, 1500, start=1500), kafka).sent
         ends = partition_ends(kafka)
         wait_for(lambda: caught_up([member], kafka, ends), 60, "the member to read the records after the cut")
         timed_out = {"output": "model", "reason": "timed_out"}
@@ -337,49 +310,6 @@ def _poll_committed(kafka: KafkaConfig, partitions: int, into: dict[int, int]) -
     return into
 
 
-class _FeedStopped(Exception):
-    """Raised from the replay's progress callback to end a feed early (it flushes what it sent)."""
-
-
-class _Feeder(threading.Thread):
-    """Replays a file at a fixed rate in the background (input arriving while the member works)."""
-
-    def __init__(self, path: Path, kafka: KafkaConfig, rate: float) -> None:
-        super().__init__(name="feeder", daemon=True)
-        self.path, self.kafka, self.rate = path, kafka, rate
-        self.report: ReplayReport | None = None
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        def progress(_: ReplayReport) -> None:
-            if self._halt.is_set():
-                raise _FeedStopped
-
-        try:
-            self.report = replay_file(self.path, self.kafka, rate=self.rate, progress=progress, progress_interval_s=0.2)
-        except _FeedStopped:
-            pass
-        except BaseException as exc:
-            self.error = exc
-
-    def sent(self, timeout_s: float) -> int:
-        self.join(timeout_s)
-        assert not self.is_alive(), "the replay did not finish"
-        if self.error is not None:
-            raise self.error
-        assert self.report is not None
-        return self.report.sent
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """End the feed now; everything it produced is confirmed by the broker when this returns."""
-        self._halt.set()
-        self.join(timeout_s)
-        assert not self.is_alive(), "the replay did not stop"
-        if self.error is not None:
-            raise self.error
-
-
 # ---- slow adaptation -------------------------------------------------------------------------------
 #: Settings that make adaptation the slow part on purpose: 200 gradient steps (the most allowed) on
 #: windows of 2 shots, so a user's window closes every other event and a batch is adapted in many
@@ -416,16 +346,6 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:]
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-
-
 def test_sigterm_during_a_long_adaptation_finishes_the_batch_commits_and_exits_0_within_the_bound(
     world: World, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -451,7 +371,7 @@ def test_sigterm_during_a_long_adaptation_finishes_the_batch_commits_and_exits_0
             90,
             "the member's first batch",
         )
-        assert proc.poll() is None, _tail(log_path)
+        assert proc.poll() is None, tail(log_path)
         before = _committed(kafka, partitions)
         # One batch just finished and the next (records are waiting) is being adapted: 1 s into it.
         started = time.monotonic()
@@ -467,13 +387,13 @@ def test_sigterm_during_a_long_adaptation_finishes_the_batch_commits_and_exits_0
         try:
             code = proc.wait(bound)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"no exit within {bound:.1f}s of SIGTERM (batches take {batch_s:.1f}s):\n{_tail(log_path)}")
+            pytest.fail(f"no exit within {bound:.1f}s of SIGTERM (batches take {batch_s:.1f}s):\n{tail(log_path)}")
         exit_s = time.monotonic() - t0
     finally:
-        _kill(proc)
+        kill_quietly(proc)
     print(f"batches of {batch_s:.2f}s ({adapt_share:.0%} adapting); SIGTERM -> exit {code} in {exit_s:.2f}s")
-    assert code == 0, _tail(log_path)
-    assert "SIGTERM: finishing the batch" in _tail(log_path, 100_000)
+    assert code == 0, tail(log_path)
+    assert "SIGTERM: finishing the batch" in tail(log_path, 100_000)
     assert adapt_share > 0.8, adapt_share  # so "during a batch" is "during adaptation"
     summary = json.loads(summary_path.read_text())
     assert summary["records"] > records_at_signal, (summary["records"], records_at_signal)  # the batch finished
@@ -516,12 +436,12 @@ def test_adaptation_slower_than_input_leaves_the_backlog_in_kafka_memory_flat_th
             90,
             "the member to process the warm-up",
         )
-        assert proc.poll() is None, _tail(log_path)
+        assert proc.poll() is None, tail(log_path)
         baseline = _rss_mb(proc.pid)
         n = 3000
         burst = _synthetic(tmp_path / "burst.jsonl", n, seed=22, users=users, pad_bytes=pad)
         record_mb = burst.stat().st_size / n / 2**20
-        feeder = _Feeder(burst, kafka, rate=2500)
+        feeder = Feeder(burst, kafka, rate=2500)
         feeder.start()
         trace: list[tuple[float, float, float, float]] = []  # (s, RSS MB, metric lag, records processed)
         t0 = time.monotonic()
@@ -540,8 +460,8 @@ def test_adaptation_slower_than_input_leaves_the_backlog_in_kafka_memory_flat_th
     finally:
         rc = proc.poll()
         stop_code = stop_process(proc) if rc is None else rc
-    assert rc is None, _tail(log_path)
-    assert stop_code == 0, _tail(log_path)
+    assert rc is None, tail(log_path)
+    assert stop_code == 0, tail(log_path)
     peak_lag = max(t[2] for t in trace)
     peak_rss = max(t[1] for t in trace)
     growth = peak_rss - baseline
@@ -563,20 +483,6 @@ def test_adaptation_slower_than_input_leaves_the_backlog_in_kafka_memory_flat_th
 
 
 # ---- kill -9 in a loop -----------------------------------------------------------------------------
-#: Where a member dies: the three failpoints that bracket processing, publishing and committing
-#: (stream_adapt.faults), or a SIGKILL from outside at a random moment of its work.
-KILL_POINTS = ("mid_batch", "after_publish", "after_commit", "random_time")
-
-
-def kill_plan(seed: int, n: int) -> list[tuple[str, float]]:
-    """`n` seeded kill points: (failpoint name, how many times it is reached first) or ("random_time",
-    seconds after the member's assignment)."""
-    rng = random.Random(seed)
-    plan: list[tuple[str, float]] = []
-    for _ in range(n):
-        point = rng.choice(KILL_POINTS)
-        plan.append((point, round(rng.uniform(0.5, 3.0), 2) if point == "random_time" else rng.randint(1, 4)))
-    return plan
 
 
 def test_kill_9_at_random_points_in_a_loop_loses_nothing_and_no_version_repeats(
@@ -594,7 +500,7 @@ def test_kill_9_at_random_points_in_a_loop_loses_nothing_and_no_version_repeats(
     kafka = kafka_topics(kafka_bootstrap, partitions=partitions)
     plan = kill_plan(seed=3, n=4)
     assert {p for p, _ in plan} == set(KILL_POINTS), plan  # this seed visits every kind of kill point once
-    feeder = _Feeder(_synthetic(tmp_path / "input.jsonl", 20_000, seed=31), kafka, rate=200)
+    feeder = Feeder(_synthetic(tmp_path / "input.jsonl", 20_000, seed=31), kafka, rate=200)
     feeder.start()
     survived: list[str] = []
     try:
@@ -611,12 +517,12 @@ def test_kill_9_at_random_points_in_a_loop_loses_nothing_and_no_version_repeats(
                     )
                     at = time.monotonic() + float(arg)
                     wait_for(lambda: time.monotonic() >= at or proc.poll() is not None, 10, "the kill time")  # noqa: B023
-                    assert proc.poll() is None, _tail(log_path)
+                    assert proc.poll() is None, tail(log_path)
                     proc.kill()
                 code = proc.wait(60)
             finally:
-                _kill(proc)
-            assert code == -signal.SIGKILL, f"kill {i} at {point}={arg}: exit {code}\n{_tail(log_path)}"
+                kill_quietly(proc)
+            assert code == -signal.SIGKILL, f"kill {i} at {point}={arg}: exit {code}\n{tail(log_path)}"
             survived.append(f"{point}={arg:g}")
     finally:
         feeder.stop()
