@@ -754,6 +754,10 @@ class _Replay:
         finally:
             report.seconds = time.monotonic() - self.t0
             report.waited_s = self.pacer.waited_s
+            # Everything it produced is delivered or reported by now: release the client at once (its
+            # connections too) rather than whenever a garbage collection finds it, which, with the broker
+            # gone by then, logs a disconnection failure after the replay looked finished.
+            self.producer = None
         return report
 
     def _loop(self, records: Iterator[Any], replay_id: str, already: set[int]) -> None:
