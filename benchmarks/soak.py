@@ -221,14 +221,25 @@ def quantile_ms(xs: list[float], q: int) -> float | None:
     return round(1000 * statistics.quantiles(xs, n=100)[q - 1], 1) if len(xs) >= 2 else None
 
 
-def paced_stream(path: Path, n: int, users: int, items: int, rate: float, start: float) -> Path:
-    """`n` rating events stamped start + i/rate: the wall time the paced replay sends each one at."""
+def paced_stream(path: Path, n: int, users: int, items: int, rate: float, lead_s: float = 2.0) -> tuple[Path, float]:
+    """`n` rating events stamped start + i/rate, the wall time the paced replay sends each one at, and
+    `start`. The start is chosen once the events exist, after the time writing them will take: stamps
+    taken before generating a long stream were that long in the past when it was sent, and every
+    freshness figure carried that offset (it grew with the soak's length)."""
+    lines = synthetic_stream(n, n_users=users, n_items=items, seed=3, events_per_second=rate)
+    events = [json.loads(raw) for raw in lines]
+    t = time.perf_counter()
+    for event in events[:10_000]:
+        json.dumps(event)
+    writing_s = (time.perf_counter() - t) / max(1, min(n, 10_000)) * n
+    start = time.time() + lead_s + 2 * writing_s
     with path.open("wb") as out:
-        for i, raw in enumerate(synthetic_stream(n, n_users=users, n_items=items, seed=3, events_per_second=rate)):
-            event = json.loads(raw)
+        for i, event in enumerate(events):
             event["timestamp"] = start + i / rate
             out.write(json.dumps(event).encode() + b"\n")
-    return path
+    if time.time() >= start:
+        raise RuntimeError(f"writing {n} events took longer than planned; their stamps would be late")
+    return path, start
 
 
 def main() -> None:
@@ -260,9 +271,8 @@ def main() -> None:
                 raise RuntimeError(f"the member exited: {log_path.read_text()[-3000:]}")
             tail.start()
             n = int(args.rate * args.seconds)
-            start = time.time() + 2
-            stream = paced_stream(bench.work / "paced.jsonl", n, bench.users, bench.items, args.rate, start)
-            wait_until(lambda: time.time() >= start, 10, "the stream's start", every_s=0.005)
+            stream, start = paced_stream(bench.work / "paced.jsonl", n, bench.users, bench.items, args.rate)
+            wait_until(lambda: time.time() >= start, start - time.time() + 10, "the stream's start", every_s=0.005)
             fed: dict[str, Any] = {}
             feeder = threading.Thread(
                 target=lambda: fed.update(report=replay_file(stream, kafka, rate=args.rate)), daemon=True
