@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
 
+from stream_adapt.events import GLOBAL_ENTITY, ModelUpdate
 from stream_adapt.learning.models import NeuralRecommender, RecommenderConfig, freeze
+
+#: Event times of the updates `update_metadata` builds.
+UPDATE_T0 = 1_700_000_000.0
 
 
 def tiny_model(
@@ -44,3 +49,28 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def update_metadata(model: NeuralRecommender, entity: str, version: int, **changes: Any) -> ModelUpdate:
+    """A valid `ModelUpdate` of `model` for `entity` (or the global adapter) at `version`; `changes`
+    override fields (a foreign fingerprint, a wrong shape, ...)."""
+    is_global = entity == GLOBAL_ENTITY
+    spec = model.global_spec() if is_global else model.adapter_spec()
+    fields: dict[str, Any] = {
+        "entity": entity,
+        "entity_kind": "global" if is_global else model.entity_kind,
+        "version": version,
+        "parent_version": version - 1 or None,
+        "base_fingerprint": model.fingerprint,
+        "trigger": "global_drift" if is_global else "window_full",
+        "positions": [] if is_global else [{"topic": "feedback", "partition": 0, "offset": version}],
+        "loss_before": 1.0,
+        "loss_after": 0.5,
+        "n_support": 6,
+        "n_query": 2,
+        "event_time_first": UPDATE_T0,
+        "event_time_last": UPDATE_T0 + 1,
+        "created_at": UPDATE_T0 + 2,
+        "tensors": {k: list(v) for k, v in spec.items()},
+    }
+    return ModelUpdate(**{**fields, **changes})

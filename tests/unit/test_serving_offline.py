@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from model_helpers import update_metadata
 from safetensors.numpy import save as np_save
 
 from stream_adapt.config import pipeline_config
 from stream_adapt.errors import StreamAdaptError
-from stream_adapt.events import GLOBAL_ENTITY, ModelUpdate, Position, Record
+from stream_adapt.events import GLOBAL_ENTITY, Position, Record
 from stream_adapt.io.directory import DirSink
 from stream_adapt.learning.models import Adapter, EntityKind, NeuralRecommender, RecommenderConfig, freeze, served
 from stream_adapt.learning.pipeline import Pipeline
@@ -41,29 +42,6 @@ def tiny_model(entity: EntityKind = "user") -> NeuralRecommender:
     return model
 
 
-def metadata(model: NeuralRecommender, entity: str, version: int, **changes: Any) -> ModelUpdate:
-    is_global = entity == GLOBAL_ENTITY
-    spec = model.global_spec() if is_global else model.adapter_spec()
-    fields: dict[str, Any] = {
-        "entity": entity,
-        "entity_kind": "global" if is_global else model.entity_kind,
-        "version": version,
-        "parent_version": version - 1 or None,
-        "base_fingerprint": FINGERPRINT,
-        "trigger": "global_drift" if is_global else "window_full",
-        "positions": [] if is_global else [{"topic": "feedback", "partition": 0, "offset": version}],
-        "loss_before": 1.0,
-        "loss_after": 0.5,
-        "n_support": 3,
-        "n_query": 1,
-        "event_time_first": T0,
-        "event_time_last": T0 + 1,
-        "created_at": T0 + 2,
-        "tensors": {k: list(v) for k, v in spec.items()},
-    }
-    return ModelUpdate(**{**fields, **changes})
-
-
 def tensors_for(model: NeuralRecommender, entity: str, seed: int) -> Adapter:
     spec = model.global_spec() if entity == GLOBAL_ENTITY else model.adapter_spec()
     gen = torch.Generator().manual_seed(seed)
@@ -74,7 +52,7 @@ def payload(
     model: NeuralRecommender, entity: str, version: int, seed: int | None = None, **changes: Any
 ) -> tuple[bytes, Adapter]:
     tensors = tensors_for(model, entity, version if seed is None else seed)
-    return encode_update(metadata(model, entity, version, **changes), tensors), tensors
+    return encode_update(update_metadata(model, entity, version, **changes), tensors), tensors
 
 
 def expected_scores(
@@ -154,13 +132,13 @@ def _truncated(model: NeuralRecommender) -> bytes:
 
 
 def _raw_arrays(model: NeuralRecommender, arrays: dict[str, np.ndarray]) -> bytes:
-    return np_save(arrays, metadata={METADATA_KEY: metadata(model, "u1", 2).model_dump_json()})
+    return np_save(arrays, metadata={METADATA_KEY: update_metadata(model, "u1", 2).model_dump_json()})
 
 
 def _with_nan(model: NeuralRecommender) -> bytes:
     tensors = tensors_for(model, "u1", 2)
     tensors["emb"][3] = float("nan")
-    return encode_update(metadata(model, "u1", 2), tensors)
+    return encode_update(update_metadata(model, "u1", 2), tensors)
 
 
 BAD_PAYLOADS: dict[str, tuple[str, Any]] = {
@@ -251,7 +229,7 @@ def test_global_adapter_applies_to_every_entity_and_rejects_stale_or_misshapen_v
     assert sub.predict("stranger", ITEMS) == pytest.approx(expected_scores(model, None, "stranger", ITEMS, shared))
 
     stale = payload(model, GLOBAL_ENTITY, 2)[0]
-    entity_shaped = encode_update(metadata(model, GLOBAL_ENTITY, 4), tensors_for(model, "u1", 4))
+    entity_shaped = encode_update(update_metadata(model, GLOBAL_ENTITY, 4), tensors_for(model, "u1", 4))
     assert sub.apply(GLOBAL_ENTITY.encode(), stale) is False
     assert sub.apply(GLOBAL_ENTITY.encode(), entity_shaped) is False
     assert sub.rejected == {"stale": 1, "wrong_tensors": 1}
@@ -292,7 +270,7 @@ def test_item_entity_model_scores_each_item_with_its_own_adapter() -> None:
     assert after[1] == pytest.approx(float(expected[0, 0]))
     assert after[1] != pytest.approx(before[1])
     # A user adapter (same shapes, same base) is not an item adapter.
-    assert not sub.apply(b"i4", encode_update(metadata(model, "i4", 2, entity_kind="user"), tensors))
+    assert not sub.apply(b"i4", encode_update(update_metadata(model, "i4", 2, entity_kind="user"), tensors))
 
 
 # ---- snapshots under concurrent updates ---------------------------------------------------------------

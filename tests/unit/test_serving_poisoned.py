@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_helpers import tiny_model
+from model_helpers import tiny_model, update_metadata
 from safetensors.numpy import save as np_save
 from safetensors.torch import save as torch_save
 
@@ -40,26 +40,7 @@ MODEL = tiny_model(USERS, ITEMS, FINGERPRINT, noise=0.3)
 
 
 def metadata(entity: str, version: int, **changes: Any) -> ModelUpdate:
-    is_global = entity == GLOBAL_ENTITY
-    spec = MODEL.global_spec() if is_global else MODEL.adapter_spec()
-    fields: dict[str, Any] = {
-        "entity": entity,
-        "entity_kind": "global" if is_global else "user",
-        "version": version,
-        "parent_version": version - 1 or None,
-        "base_fingerprint": FINGERPRINT,
-        "trigger": "global_drift" if is_global else "window_full",
-        "positions": [] if is_global else [{"topic": "feedback", "partition": 0, "offset": version}],
-        "loss_before": 1.0,
-        "loss_after": 0.5,
-        "n_support": 6,
-        "n_query": 2,
-        "event_time_first": T0,
-        "event_time_last": T0 + 1,
-        "created_at": T0 + 2,
-        "tensors": {k: list(v) for k, v in spec.items()},
-    }
-    return ModelUpdate(**{**fields, **changes})
+    return update_metadata(MODEL, entity, version, **changes)
 
 
 def tensors(entity: str, version: int) -> Adapter:
