@@ -21,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 from _common import emit, interleaved, median, parser
-from river import optim, reco
 
 from stream_adapt import runtime
 from stream_adapt.config import PipelineConfig
 from stream_adapt.datasets import load_events
+from stream_adapt.evaluate.baselines import river_biased_mf
 from stream_adapt.events import DecodeError, decode
 from stream_adapt.io.directory import DirSink
 from stream_adapt.io.files import FileSource
@@ -81,26 +81,15 @@ def main() -> None:
                     n += 1
         return n
 
-    def biased_mf() -> reco.BiasedMF:
-        return reco.BiasedMF(
-            n_factors=10,
-            bias_optimizer=optim.SGD(0.025),
-            latent_optimizer=optim.SGD(0.05),
-            weight_initializer=optim.initializers.Zeros(),
-            latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=73),
-            l2_bias=0.0,
-            l2_latent=0.0,
-        )
-
     def river() -> int:
-        model = biased_mf()
+        model = river_biased_mf()
         for u, i, y in river_events:
             model.predict_one(u, i)
             model.learn_one(u, i, y)
         return len(river_events)
 
     def river_parse() -> int:
-        model, n = biased_mf(), 0
+        model, n = river_biased_mf(), 0
         with live.open("rb") as f:
             for line in f:
                 n += 1

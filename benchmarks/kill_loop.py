@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import emit
-from soak import Bench, Scraper, bench_setup, member_command, start_process, total, wait_until
+from soak import Bench, Scraper, bench_setup, kill_quietly, member_command, start_process, total, wait_until
 
 from stream_adapt.audit import audit
 from stream_adapt.config import KafkaConfig
@@ -81,9 +81,7 @@ def one_kill(bench: Bench, kafka: KafkaConfig, i: int, point: str, arg: float) -
                 proc.send_signal(signal.SIGKILL)
         code = proc.wait(120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_quietly(proc)
     return {"point": f"{point}={arg:g}", "exit": code, "lived_s": round(time.monotonic() - t0, 1)}
 
 
@@ -142,9 +140,7 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             last_exit = proc.wait(60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill_quietly(proc)
         report = audit(kafka, timeout_s=120).as_dict()
         versions = versions_by_entity(kafka)
         broken = {e: v for e, v in versions.items() if v != list(range(1, len(v) + 1))}

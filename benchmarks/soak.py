@@ -123,6 +123,13 @@ def start_process(cmd: list[str], log_path: Path, env: dict[str, str] | None = N
         )
 
 
+def kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a member process if it still runs (cleanup after a failure or a deliberate kill)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -324,9 +331,7 @@ def main() -> None:
             stop_s = time.monotonic() - t_stop
         finally:
             tail.halt.set()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill_quietly(proc)
         tail.join(10)
         report = audit(kafka, timeout_s=120).as_dict()
         report.pop("examples", None)

@@ -107,6 +107,19 @@ class BiasBaseline:
         return self
 
 
+def river_biased_mf() -> reco.BiasedMF:
+    """River's `BiasedMF` with the hyper-parameters of River's MovieLens tutorial (MAE 0.7486 documented)."""
+    return reco.BiasedMF(
+        n_factors=10,
+        bias_optimizer=optim.SGD(0.025),
+        latent_optimizer=optim.SGD(0.05),
+        weight_initializer=optim.initializers.Zeros(),
+        latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=73),
+        l2_bias=0.0,
+        l2_latent=0.0,
+    )
+
+
 class RiverRecommender:
     """River's `BiasedMF` in `PredClipper`, behind the `OnlineRecommender` interface."""
 
@@ -114,15 +127,7 @@ class RiverRecommender:
         # River types PredClipper's argument as a Regressor; its recommenders work there all the same
         # (River's own MovieLens tutorial wraps BiasedMF exactly like this).
         self.model = preprocessing.PredClipper(
-            regressor=reco.BiasedMF(  # type: ignore[arg-type]
-                n_factors=10,
-                bias_optimizer=optim.SGD(0.025),
-                latent_optimizer=optim.SGD(0.05),
-                weight_initializer=optim.initializers.Zeros(),
-                latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=73),
-                l2_bias=0.0,
-                l2_latent=0.0,
-            ),
+            regressor=river_biased_mf(),  # type: ignore[arg-type]
             y_min=y_min,
             y_max=y_max,
         )
